@@ -1,0 +1,2 @@
+//! edgeferry: store-and-forward MQTT gateway daemon.
+#![forbid(unsafe_code)]

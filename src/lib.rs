@@ -1,2 +1,27 @@
-//! edgeferry: store-and-forward MQTT gateway daemon.
+//! edgeferry: a store-and-forward MQTT gateway daemon for small edge gateways.
+//!
+//! # Layout
+//!
+//! Data flows top to bottom:
+//!
+//! - [`config`]: the TOML file, its defaults and validation (checked before anything starts).
+//! - [`ingest`]: sources. [`ingest::mqtt`] runs the embedded rumqttd broker and reads one local
+//!   link per route.
+//! - [`route`]: topic filters and upstream topic templates (pure).
+//! - [`dedup`]: ingest dedup keys (pure); the window itself is a table in the queue.
+//! - [`queue`]: the SQLite store on its own thread: group commit, stable ids, rows deleted only
+//!   on PUBACK. Its module docs state the invariants.
+//! - [`forward`]: the upstream rumqttc session: bounded window, pkid -> row map, backoff.
+//! - [`telemetry`]: counters, histograms, the Prometheus endpoint, logging.
+//! - [`service`]: wiring, signals, orderly shutdown. [`cli`]: the command line.
 #![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod dedup;
+pub mod forward;
+pub mod ingest;
+pub mod queue;
+pub mod route;
+pub mod service;
+pub mod telemetry;

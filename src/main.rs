@@ -1,1 +1,62 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+use edgeferry::cli::{Cli, Command, EXIT_CONFIG, EXIT_FAILURE};
+use edgeferry::config::Config;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(line) => fail(EXIT_CONFIG, &line),
+        },
+        Command::Run { config: path } => {
+            // Validate before starting anything, exactly as `check` does.
+            let config = match load(&path) {
+                Ok(c) => c,
+                Err(line) => return fail(EXIT_CONFIG, &line),
+            };
+            edgeferry::telemetry::init_logging(&config.telemetry.log_level);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => return fail(EXIT_FAILURE, &format!("cannot start runtime: {e}")),
+            };
+            let result = runtime.block_on(edgeferry::service::run(
+                config,
+                edgeferry::service::signals(),
+            ));
+            // rumqttd's threads never end by themselves; do not wait for them.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    fail(EXIT_FAILURE, &e.to_string())
+                }
+            }
+        }
+    }
+}
+
+/// Parse and validate, including the TLS files (so `check` catches a bad certificate).
+fn load(path: &std::path::Path) -> Result<Config, String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    if config.upstream.tls {
+        edgeferry::forward::client::tls_config(&config)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(config)
+}
+
+fn fail(code: i32, line: &str) -> ExitCode {
+    eprintln!("edgeferry: {line}");
+    ExitCode::from(code as u8)
+}

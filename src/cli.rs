@@ -1,0 +1,38 @@
+//! Command line: `edgeferry run|check --config FILE`, `edgeferry --version`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "edgeferry",
+    version,
+    about = "Store-and-forward MQTT gateway: nothing committed is lost"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long, short, default_value = "/etc/edgeferry/edgeferry.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and exit: 0 when valid, 78 with a one-line error otherwise.
+    Check {
+        /// Configuration file (TOML).
+        #[arg(long, short, default_value = "/etc/edgeferry/edgeferry.toml")]
+        config: PathBuf,
+    },
+}
+
+/// Exit status for an invalid configuration (sysexits EX_CONFIG). The systemd unit does not
+/// restart on it: retrying cannot fix a bad file.
+pub const EXIT_CONFIG: i32 = 78;
+/// Exit status for a run-time failure (store refused, port in use).
+pub const EXIT_FAILURE: i32 = 1;

@@ -1,0 +1,733 @@
+//! The configuration file (TOML): its shape, defaults and validation.
+//!
+//! Every key is documented in `config/edgeferry.toml`, which a test parses so it never rots.
+//! Loading never panics: any problem becomes a [`ConfigError`] whose one-line message names the
+//! file, the key and the problem, e.g.
+//! `/etc/edgeferry/edgeferry.toml: upstream.protocol: unknown variant "v4", expected "v5" or "v3.1.1" (line 14)`.
+
+pub mod units;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::route::{Template, TopicFilter};
+use units::{ByteSize, HumanDuration};
+
+/// Why a configuration could not be used. The `Display` form is the one line operators see.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    /// TOML syntax error, unknown key, wrong type or unparseable value.
+    #[error("{file}: {key}: {problem}{}", line.map(|l| format!(" (line {l})")).unwrap_or_default())]
+    Parse {
+        file: PathBuf,
+        key: String,
+        problem: String,
+        line: Option<usize>,
+    },
+    /// The file parsed but a value is unusable (out of range, inconsistent with another key).
+    #[error("{file}: {key}: {problem}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        problem: String,
+    },
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub gateway: Gateway,
+    #[serde(default)]
+    pub local: Local,
+    pub store: Store,
+    pub upstream: Upstream,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<Route>,
+    #[serde(default)]
+    pub dedup: Dedup,
+    #[serde(default)]
+    pub telemetry: Telemetry,
+    #[serde(default)]
+    pub shutdown: Shutdown,
+}
+
+/// `[gateway]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gateway {
+    /// Names this gateway upstream and is part of every message id. Required.
+    pub id: String,
+}
+
+/// `[local]`: the embedded broker devices publish to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Local {
+    /// MQTT 3.1.1 listener. Default 127.0.0.1:1883.
+    pub listen: SocketAddr,
+    /// Optional MQTT 5 listener (needed for devices that send user properties). Default: none.
+    pub listen_v5: Option<SocketAddr>,
+    /// Largest publish payload a device may send; a larger one is refused by the broker, which
+    /// disconnects that device. Default 256KiB.
+    pub max_payload: ByteSize,
+    /// Most device connections at once. Default 1000.
+    pub max_connections: usize,
+    /// In-memory log the broker keeps per route between a device's PUBACK and edgeferry's commit.
+    /// If ingest falls this far behind, the broker drops the oldest part (counted as
+    /// `edgeferry_local_dropped_total`). Default 8MiB.
+    pub buffer: ByteSize,
+}
+
+impl Default for Local {
+    fn default() -> Self {
+        Local {
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            listen_v5: None,
+            max_payload: ByteSize(256 << 10),
+            max_connections: 1000,
+            buffer: ByteSize(8 << 20),
+        }
+    }
+}
+
+/// `[store]`: the durable queue.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Store {
+    /// SQLite file. Its directory must exist and be writable. Required.
+    pub path: PathBuf,
+    /// "full": every commit is fsynced (survives power loss). "normal": commits survive a crash
+    /// of edgeferry but the last ones may be lost on power loss; fewer flash writes. Default "full".
+    #[serde(default)]
+    pub sync: SyncMode,
+    /// Longest a received message waits to be grouped with others before the commit. Default 5ms.
+    #[serde(default = "default_commit_interval")]
+    pub commit_interval: HumanDuration,
+    /// Most messages per commit. Default 1024.
+    #[serde(default = "default_commit_batch")]
+    pub commit_batch: usize,
+}
+
+fn default_commit_interval() -> HumanDuration {
+    HumanDuration(Duration::from_millis(5))
+}
+fn default_commit_batch() -> usize {
+    1024
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    #[default]
+    Full,
+    Normal,
+}
+
+/// `[upstream]`: the broker messages are forwarded to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// host:port. Required.
+    pub address: String,
+    /// "v5" (default) or "v3.1.1".
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Client id upstream. Default: the gateway id.
+    pub client_id: Option<String>,
+    /// MQTT keepalive; a silent (half-open) link is noticed within about 1.5x this. Default 30s.
+    #[serde(default = "default_keepalive")]
+    pub keepalive: HumanDuration,
+    /// Give up a connection attempt after this long. Default 10s.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    pub username: Option<String>,
+    /// Inline password. Prefer `password_file`.
+    pub password: Option<String>,
+    /// File whose first line is the password (keeps secrets out of the config).
+    pub password_file: Option<PathBuf>,
+    /// Use TLS. Default false.
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM CA bundle to trust instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key for mutual TLS (with `cert_file`).
+    pub key_file: Option<PathBuf>,
+    /// Most publishes awaiting PUBACK at once. Default 64, at most 65535.
+    #[serde(default = "default_inflight")]
+    pub inflight: u16,
+    /// First reconnect delay ceiling; each failure doubles it, with full jitter. Default 1s.
+    #[serde(default = "default_backoff_initial")]
+    pub backoff_initial: HumanDuration,
+    /// Largest reconnect delay. Default 2m.
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max: HumanDuration,
+    /// A connection that lasted this long resets the backoff. Default 60s.
+    #[serde(default = "default_stable_after")]
+    pub stable_after: HumanDuration,
+    /// MQTT 5 user property carrying the message id. Default "edgeferry-id".
+    #[serde(default = "default_id_property")]
+    pub id_property: String,
+}
+
+fn default_keepalive() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_inflight() -> u16 {
+    64
+}
+fn default_backoff_initial() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+fn default_backoff_max() -> HumanDuration {
+    HumanDuration(Duration::from_secs(120))
+}
+fn default_stable_after() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_id_property() -> String {
+    "edgeferry-id".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "v5")]
+    V5,
+    #[serde(rename = "v3.1.1")]
+    V311,
+}
+
+/// `[[route]]`: which local topics are forwarded, and to which upstream topic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// MQTT topic filter on the local broker. Required.
+    pub from: String,
+    /// Upstream topic template: `{topic}` (the device's topic), `{gateway}` (gateway id).
+    /// Default "{topic}".
+    #[serde(default = "default_to")]
+    pub to: String,
+    /// Upstream QoS. Only 1 is supported (at-least-once is the product). Default 1.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// Ingest dedup key: "property:NAME" (MQTT 5 user property) or "json:/pointer" (RFC 6901
+    /// pointer into a JSON payload). Default: none.
+    pub dedup: Option<String>,
+}
+
+fn default_to() -> String {
+    "{topic}".into()
+}
+fn default_qos() -> u8 {
+    1
+}
+
+/// `[dedup]`: the window ingest dedup keys are remembered for (survives restarts).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dedup {
+    /// Keys older than this are forgotten. Default 1h.
+    pub window: HumanDuration,
+    /// Most keys remembered; the oldest go first. Default 100000.
+    pub max_keys: u64,
+}
+
+impl Default for Dedup {
+    fn default() -> Self {
+        Dedup {
+            window: HumanDuration(Duration::from_secs(3600)),
+            max_keys: 100_000,
+        }
+    }
+}
+
+/// `[telemetry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Telemetry {
+    /// Prometheus text endpoint, e.g. "127.0.0.1:9880". Default: off.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log filter when RUST_LOG is unset: error, warn, info, debug, trace. Default "info".
+    pub log_level: String,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            metrics_listen: None,
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// `[shutdown]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Shutdown {
+    /// How long in-flight publishes may wait for their PUBACK after SIGTERM. Default 5s.
+    pub grace: HumanDuration,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown {
+            grace: HumanDuration(Duration::from_secs(5)),
+        }
+    }
+}
+
+/// Where an ingest dedup key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DedupKey {
+    /// An MQTT 5 user property of the device's publish.
+    Property(String),
+    /// A JSON pointer into the payload.
+    JsonPointer(String),
+}
+
+impl DedupKey {
+    pub fn parse(text: &str) -> Result<DedupKey, String> {
+        if let Some(name) = text.strip_prefix("property:") {
+            if name.is_empty() {
+                return Err("\"property:\" needs a property name".into());
+            }
+            Ok(DedupKey::Property(name.to_string()))
+        } else if let Some(ptr) = text.strip_prefix("json:") {
+            if !ptr.starts_with('/') {
+                return Err(format!(
+                    "JSON pointer {ptr:?} must start with '/', e.g. \"json:/id\""
+                ));
+            }
+            Ok(DedupKey::JsonPointer(ptr.to_string()))
+        } else {
+            Err(format!(
+                "{text:?} is not a dedup key; use \"property:NAME\" or \"json:/pointer\""
+            ))
+        }
+    }
+}
+
+/// A route after validation: parsed filter, template and dedup key.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    pub filter: TopicFilter,
+    pub template: Template,
+    pub dedup: Option<DedupKey>,
+}
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parse and validate config text; `file` names it in errors.
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner
+                .span()
+                .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+            // toml's message can span lines (it quotes the source); keep the first line only.
+            let problem = inner.message().lines().next().unwrap_or("").to_string();
+            ConfigError::Parse {
+                file: file.to_path_buf(),
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                problem,
+                line,
+            }
+        })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, problem: String| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            key: key.to_string(),
+            problem,
+        };
+        let id = &self.gateway.id;
+        if id.is_empty() || id.len() > 64 || id.chars().any(|c| c.is_control() || "+#/".contains(c))
+        {
+            return Err(bad(
+                "gateway.id",
+                format!(
+                    "{id:?} must be 1-64 characters without control characters, '+', '#' or '/'"
+                ),
+            ));
+        }
+        if self.local.max_payload.0 == 0 || self.local.max_payload.0 > 256 << 20 {
+            return Err(bad(
+                "local.max_payload",
+                "must be between 1 B and 256MiB".into(),
+            ));
+        }
+        if self.local.buffer.0 < 64 << 10 {
+            return Err(bad("local.buffer", "must be at least 64KiB".into()));
+        }
+        if self.local.buffer.0 < 2 * self.local.max_payload.0 {
+            return Err(bad(
+                "local.buffer",
+                "must be at least twice local.max_payload".into(),
+            ));
+        }
+        if self.local.max_connections == 0 {
+            return Err(bad("local.max_connections", "must be at least 1".into()));
+        }
+        if Some(self.local.listen) == self.local.listen_v5 {
+            return Err(bad(
+                "local.listen_v5",
+                "must differ from local.listen".into(),
+            ));
+        }
+        if self.store.commit_batch == 0 || self.store.commit_batch > 100_000 {
+            return Err(bad(
+                "store.commit_batch",
+                "must be between 1 and 100000".into(),
+            ));
+        }
+        if self.store.commit_interval.0 > Duration::from_secs(1) {
+            return Err(bad(
+                "store.commit_interval",
+                "must be at most 1s: it is the window in which an acknowledged message is not yet on disk".into(),
+            ));
+        }
+        if self.store.path.as_os_str().is_empty() || self.store.path.is_dir() {
+            return Err(bad(
+                "store.path",
+                "must name a file, not a directory".into(),
+            ));
+        }
+        let up = &self.upstream;
+        split_host_port(&up.address).map_err(|p| bad("upstream.address", p))?;
+        if up.inflight == 0 {
+            return Err(bad(
+                "upstream.inflight",
+                "must be between 1 and 65535".into(),
+            ));
+        }
+        if up.keepalive.0 < Duration::from_secs(1) || up.keepalive.0 > Duration::from_secs(65535) {
+            return Err(bad(
+                "upstream.keepalive",
+                "must be between 1s and 65535s".into(),
+            ));
+        }
+        if up.backoff_initial.0.is_zero() || up.backoff_initial.0 > up.backoff_max.0 {
+            return Err(bad(
+                "upstream.backoff_initial",
+                "must be above 0 and not above upstream.backoff_max".into(),
+            ));
+        }
+        if up.password.is_some() && up.password_file.is_some() {
+            return Err(bad(
+                "upstream.password_file",
+                "set either upstream.password or upstream.password_file, not both".into(),
+            ));
+        }
+        if (up.password.is_some() || up.password_file.is_some()) && up.username.is_none() {
+            return Err(bad(
+                "upstream.username",
+                "a password needs a username".into(),
+            ));
+        }
+        if let Some(f) = &up.password_file {
+            std::fs::read_to_string(f)
+                .map_err(|e| bad("upstream.password_file", format!("{}: {e}", f.display())))?;
+        }
+        if up.cert_file.is_some() != up.key_file.is_some() {
+            return Err(bad(
+                "upstream.cert_file",
+                "mutual TLS needs both upstream.cert_file and upstream.key_file".into(),
+            ));
+        }
+        if !up.tls && (up.ca_file.is_some() || up.cert_file.is_some()) {
+            return Err(bad(
+                "upstream.tls",
+                "ca_file/cert_file/key_file are set but tls = false".into(),
+            ));
+        }
+        for (key, f) in [
+            ("upstream.ca_file", &up.ca_file),
+            ("upstream.cert_file", &up.cert_file),
+            ("upstream.key_file", &up.key_file),
+        ] {
+            if let Some(f) = f {
+                std::fs::metadata(f).map_err(|e| bad(key, format!("{}: {e}", f.display())))?;
+            }
+        }
+        if let Some(cid) = &up.client_id {
+            if cid.is_empty() || cid.len() > 256 {
+                return Err(bad("upstream.client_id", "must be 1-256 characters".into()));
+            }
+        }
+        if up.id_property.is_empty() {
+            return Err(bad("upstream.id_property", "must not be empty".into()));
+        }
+        if self.routes.is_empty() {
+            return Err(bad(
+                "route",
+                "no [[route]] is configured, so nothing would be forwarded".into(),
+            ));
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            self.route_spec(i, r)
+                .map_err(|(k, p)| bad(&format!("route[{i}].{k}"), p))?;
+        }
+        if self.dedup.max_keys == 0 {
+            return Err(bad("dedup.max_keys", "must be at least 1".into()));
+        }
+        if self.dedup.window.0.is_zero() {
+            return Err(bad("dedup.window", "must be above 0".into()));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level)
+            .map_err(|e| bad("telemetry.log_level", e.to_string()))?;
+        Ok(())
+    }
+
+    fn route_spec(&self, _i: usize, r: &Route) -> Result<RouteSpec, (&'static str, String)> {
+        let filter = TopicFilter::parse(&r.from).map_err(|e| ("from", e))?;
+        let template = Template::parse(&r.to).map_err(|e| ("to", e))?;
+        if r.qos != 1 {
+            return Err((
+                "qos",
+                format!(
+                    "{} is not supported; edgeferry forwards with QoS 1 (at-least-once)",
+                    r.qos
+                ),
+            ));
+        }
+        let dedup = r
+            .dedup
+            .as_deref()
+            .map(DedupKey::parse)
+            .transpose()
+            .map_err(|e| ("dedup", e))?;
+        if matches!(dedup, Some(DedupKey::Property(_))) && self.local.listen_v5.is_none() {
+            return Err((
+                "dedup",
+                "a user property key needs MQTT 5 devices: set local.listen_v5".into(),
+            ));
+        }
+        Ok(RouteSpec {
+            filter,
+            template,
+            dedup,
+        })
+    }
+
+    /// The validated routes (call only on a config returned by `load`/`parse`).
+    pub fn route_specs(&self) -> Vec<RouteSpec> {
+        self.routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| self.route_spec(i, r).ok())
+            .collect()
+    }
+
+    /// The upstream client id: `upstream.client_id`, else the gateway id.
+    pub fn client_id(&self) -> String {
+        self.upstream
+            .client_id
+            .clone()
+            .unwrap_or_else(|| self.gateway.id.clone())
+    }
+}
+
+/// Split "host:port" (or "[v6]:port"), validating the port.
+pub fn split_host_port(address: &str) -> Result<(String, u16), String> {
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{address:?} must be host:port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("{address:?} has no host"));
+    }
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{address:?} has an invalid port"))?;
+    if port == 0 {
+        return Err(format!("{address:?}: port 0 is not a valid upstream port"));
+    }
+    Ok((host.to_string(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[gateway]
+id = "gw-1"
+[store]
+path = "/tmp/q.db"
+[upstream]
+address = "127.0.0.1:1883"
+[[route]]
+from = "devices/#"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../config/edgeferry.toml");
+        let c = parse(text).unwrap_or_else(|e| panic!("example config: {e}"));
+        assert_eq!(c.routes.len(), c.route_specs().len());
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.local.listen, "127.0.0.1:1883".parse().unwrap());
+        assert_eq!(c.upstream.protocol, Protocol::V5);
+        assert_eq!(c.store.sync, SyncMode::Full);
+        assert_eq!(c.upstream.inflight, 64);
+        assert_eq!(c.client_id(), "gw-1");
+        assert_eq!(c.routes[0].to, "{topic}");
+    }
+
+    /// MINIMAL with extra lines in `[upstream]`.
+    fn upstream_plus(extra: &str) -> String {
+        MINIMAL.replace("[upstream]\n", &format!("[upstream]\n{extra}\n"))
+    }
+
+    /// Each broken config must fail with one line naming the file and the key at fault.
+    #[test]
+    fn broken_configs_name_the_key() {
+        let cases: Vec<(String, &str)> = vec![
+            (
+                "[gateway]\nid=\"gw\"\n[upstream]\naddress=\"h:1\"\n[[route]]\nfrom=\"a\"\n".into(),
+                "store",
+            ),
+            (
+                MINIMAL.replace("id = \"gw-1\"", "id = \"gw-1\"\nbogus = 1"),
+                "gateway",
+            ),
+            (
+                MINIMAL.replace("id = \"gw-1\"", "id = \"a/b\""),
+                "gateway.id",
+            ),
+            (
+                MINIMAL.replace("address = \"127.0.0.1:1883\"", "address = \"nohost\""),
+                "upstream.address",
+            ),
+            (upstream_plus("protocol = \"v4\""), "upstream.protocol"),
+            (upstream_plus("keepalive = \"30\""), "upstream.keepalive"),
+            (upstream_plus("inflight = 0"), "upstream.inflight"),
+            (upstream_plus("inflight = 70000"), "upstream.inflight"),
+            (upstream_plus("password = \"x\""), "upstream.username"),
+            (
+                upstream_plus("tls = true\ncert_file = \"/nonexistent\""),
+                "upstream.cert_file",
+            ),
+            (
+                upstream_plus("tls = true\nca_file = \"/nonexistent.pem\""),
+                "upstream.ca_file",
+            ),
+            (
+                upstream_plus("backoff_initial = \"5m\""),
+                "upstream.backoff_initial",
+            ),
+            (
+                MINIMAL.to_string() + "[[route]]\nfrom = \"a/#/b\"\n",
+                "route[1].from",
+            ),
+            (
+                MINIMAL.to_string() + "[[route]]\nfrom = \"a\"\nto = \"x/{nope}\"\n",
+                "route[1].to",
+            ),
+            (
+                MINIMAL.to_string() + "[[route]]\nfrom = \"a\"\nto = \"x/+\"\n",
+                "route[1].to",
+            ),
+            (
+                MINIMAL.to_string() + "[[route]]\nfrom = \"a\"\nqos = 2\n",
+                "route[1].qos",
+            ),
+            (
+                MINIMAL.to_string() + "[[route]]\nfrom = \"a\"\ndedup = \"id\"\n",
+                "route[1].dedup",
+            ),
+            (
+                MINIMAL.to_string() + "[[route]]\nfrom = \"a\"\ndedup = \"property:id\"\n",
+                "route[1].dedup",
+            ),
+            (
+                MINIMAL.to_string() + "[local]\nmax_payload = \"12 parsecs\"\n",
+                "local.max_payload",
+            ),
+            (
+                MINIMAL.to_string() + "[local]\nlisten = \"localhost\"\n",
+                "local.listen",
+            ),
+            (MINIMAL.to_string() + "[store2]\n", "store2"),
+            (
+                MINIMAL.to_string() + "[dedup]\nwindow = \"0s\"\n",
+                "dedup.window",
+            ),
+            (
+                MINIMAL.to_string() + "[telemetry]\nlog_level = \"loud[\"\n",
+                "telemetry.log_level",
+            ),
+            (
+                MINIMAL.replace(
+                    "path = \"/tmp/q.db\"",
+                    "path = \"/tmp/q.db\"\ncommit_interval = \"5s\"",
+                ),
+                "store.commit_interval",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = parse(&text).expect_err(&format!("{key}: expected an error for:\n{text}"));
+            let msg = err.to_string();
+            assert!(msg.starts_with("test.toml: "), "{msg}");
+            assert!(msg.contains(key), "expected key {key} in: {msg}");
+            assert!(!msg.contains('\n'), "error must be one line: {msg:?}");
+        }
+    }
+
+    #[test]
+    fn durations_and_sizes_are_human_strings() {
+        let text =
+            MINIMAL.to_string() + "[local]\nbuffer = \"16MiB\"\n[shutdown]\ngrace = \"2500ms\"\n";
+        let c = parse(&text).unwrap();
+        assert_eq!(c.local.buffer.0, 16 << 20);
+        assert_eq!(c.shutdown.grace.0, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn syntax_errors_report_the_line() {
+        let err = parse("[gateway]\nid = \"gw\"\n[store\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 3"), "{err}");
+    }
+}

@@ -1,0 +1,289 @@
+//! The forwarder: reads committed rows oldest first, publishes them upstream with QoS 1 inside a
+//! bounded window, and deletes each row only on the upstream's PUBACK for it.
+//!
+//! rumqttc does not tell `publish()` callers the packet id; it reports `Outgoing::Publish(pkid)`
+//! events in the order publishes were queued (it stops taking new requests while a packet id
+//! collision is pending, so that order holds). The forwarder keeps a FIFO of rows handed to the
+//! client and pairs each with the next such event, then a pkid -> row map until the PUBACK.
+//!
+//! Every session starts reading from the oldest row, so after a reconnect whatever was in flight
+//! is resent with the same message id: at-least-once, with duplicates bounded by the window.
+
+pub mod backoff;
+pub mod client;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::queue::{Row, StoreHandle};
+use crate::telemetry::Metrics;
+use backoff::Backoff;
+use client::{needs_operator, Settings, UpClient, UpEvent};
+
+/// How a session ended.
+enum End {
+    /// Shutdown requested and handled.
+    Shutdown,
+    /// The store is gone (only at shutdown).
+    StoreClosed,
+    /// The connection failed or was lost.
+    Failed { error: String, connected: bool },
+}
+
+/// Link state, so the log records changes once rather than every retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Starting,
+    Up,
+    Down,
+}
+
+pub struct Forwarder {
+    pub settings: Settings,
+    pub gateway: String,
+    pub backoff: Backoff,
+    pub grace: Duration,
+    pub store: StoreHandle,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A row between "handed to the client" and its PUBACK.
+struct Inflight {
+    seq: i64,
+    sent: Instant,
+}
+
+impl Forwarder {
+    /// Run sessions with backoff until `shutdown`; then give in-flight publishes up to the
+    /// grace period for their acks.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut link = Link::Starting;
+        let mut down_since = Instant::now();
+        loop {
+            let started = Instant::now();
+            let end = self.session(&shutdown, &mut link, down_since).await;
+            self.metrics.upstream_connected.set(0);
+            match end {
+                End::Shutdown | End::StoreClosed => break,
+                End::Failed { error, connected } => {
+                    self.metrics.upstream_errors.inc();
+                    if connected {
+                        self.backoff.connection_ended(started.elapsed());
+                    }
+                    if link != Link::Down {
+                        down_since = Instant::now();
+                        let depth = self.metrics.queue_depth.get();
+                        if needs_operator(&error) {
+                            error!(%error, depth, "upstream rejects this gateway; messages wait on disk; check upstream credentials");
+                        } else if connected {
+                            warn!(%error, depth, "upstream connection lost; messages wait on disk; reconnecting with backoff");
+                        } else {
+                            warn!(%error, depth, "upstream unreachable; messages wait on disk; retrying with backoff");
+                        }
+                        link = Link::Down;
+                    } else {
+                        debug!(%error, attempt = self.backoff.failures(), "upstream attempt failed");
+                    }
+                    let delay = self.backoff.next_delay(fastrand::f64());
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn session(
+        &mut self,
+        shutdown: &CancellationToken,
+        link: &mut Link,
+        down_since: Instant,
+    ) -> End {
+        if shutdown.is_cancelled() {
+            return End::Shutdown;
+        }
+        let (client, mut events, task) = match UpClient::connect(&self.settings) {
+            Ok(x) => x,
+            Err(error) => {
+                return End::Failed {
+                    error,
+                    connected: false,
+                }
+            }
+        };
+        let end = self
+            .drive(&client, &mut events, shutdown, link, down_since)
+            .await;
+        if matches!(end, End::Shutdown) {
+            client.disconnect().await;
+            // Let the DISCONNECT go out, briefly.
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                while events.recv().await.is_some() {}
+            })
+            .await;
+        }
+        task.abort();
+        end
+    }
+
+    async fn drive(
+        &mut self,
+        client: &UpClient,
+        events: &mut client::Events,
+        shutdown: &CancellationToken,
+        link: &mut Link,
+        down_since: Instant,
+    ) -> End {
+        let window = self.settings.window as usize;
+        let mut committed = self.store.committed();
+        let mut connected = false;
+        let mut max_packet: Option<u32> = None;
+        // Every session re-reads from the oldest unacknowledged row.
+        let mut cursor = 0i64;
+        let mut more = true;
+        let mut unsent: VecDeque<Inflight> = VecDeque::with_capacity(window);
+        let mut inflight: HashMap<u16, Inflight> = HashMap::with_capacity(window);
+        let mut draining: Option<tokio::time::Instant> = None;
+
+        loop {
+            if connected && draining.is_none() && more {
+                let room = window - unsent.len() - inflight.len();
+                if room > 0 {
+                    committed.borrow_and_update();
+                    let rows = match self.store.fetch(cursor, room).await {
+                        Ok(rows) => rows,
+                        Err(e) => {
+                            error!(error = %e, "forwarder cannot read the store");
+                            return End::StoreClosed;
+                        }
+                    };
+                    if rows.len() < room {
+                        more = false;
+                    }
+                    for row in rows {
+                        cursor = row.seq;
+                        if let Some(limit) = max_packet {
+                            if packet_size(&row, &self.settings.id_property) > limit as usize {
+                                self.refuse(
+                                    row.seq,
+                                    format!("larger than the upstream maximum packet size {limit}"),
+                                )
+                                .await;
+                                continue;
+                            }
+                        }
+                        let Row {
+                            seq,
+                            topic,
+                            payload,
+                            ..
+                        } = row;
+                        let id = self.message_id(seq);
+                        if let Err(error) = client.publish(&topic, payload, id).await {
+                            return End::Failed { error, connected };
+                        }
+                        self.metrics.published.inc();
+                        unsent.push_back(Inflight {
+                            seq,
+                            sent: Instant::now(),
+                        });
+                    }
+                    // Fetch again at once if the window still has room and rows remain.
+                    if more && window > unsent.len() + inflight.len() {
+                        continue;
+                    }
+                }
+            }
+            if draining.is_some() && unsent.is_empty() && inflight.is_empty() {
+                return End::Shutdown;
+            }
+            let grace_over = async {
+                match draining {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(Ok(UpEvent::Connected { max_packet: mp })) => {
+                        connected = true;
+                        max_packet = mp;
+                        self.metrics.upstream_connects.inc();
+                        self.metrics.upstream_connected.set(1);
+                        let backlog = self.metrics.queue_depth.get();
+                        match *link {
+                            Link::Down => info!(backlog, down_for = ?down_since.elapsed(), "upstream connected again; draining the backlog"),
+                            _ => info!(backlog, "upstream connected"),
+                        }
+                        *link = Link::Up;
+                    }
+                    Some(Ok(UpEvent::Sent(pkid))) => match unsent.pop_front() {
+                        Some(m) => {
+                            inflight.insert(pkid, m);
+                        }
+                        None => warn!(pkid, "upstream client sent a publish the forwarder did not queue"),
+                    },
+                    Some(Ok(UpEvent::Acked { pkid, refusal })) => {
+                        let Some(m) = inflight.remove(&pkid) else {
+                            debug!(pkid, "PUBACK for an unknown packet id ignored");
+                            continue;
+                        };
+                        self.metrics.upstream_ack_latency.record(m.sent.elapsed());
+                        match refusal {
+                            None => {
+                                if self.store.ack(m.seq).await.is_err() {
+                                    return End::StoreClosed;
+                                }
+                            }
+                            Some(r) if !r.retry => self.refuse(m.seq, r.reason).await,
+                            Some(r) => {
+                                // Transient refusal: reconnect later and resend from the queue.
+                                return End::Failed { error: r.reason, connected };
+                            }
+                        }
+                    }
+                    Some(Err(error)) => return End::Failed { error, connected },
+                    None => return End::Failed { error: "upstream event loop ended".into(), connected },
+                },
+                changed = committed.changed(), if !more => {
+                    if changed.is_err() {
+                        return End::StoreClosed;
+                    }
+                    more = true;
+                }
+                _ = shutdown.cancelled(), if draining.is_none() => {
+                    if !connected || (unsent.is_empty() && inflight.is_empty()) {
+                        return End::Shutdown;
+                    }
+                    debug!(in_flight = unsent.len() + inflight.len(), "waiting for in-flight acks before stopping");
+                    draining = Some(tokio::time::Instant::now() + self.grace);
+                }
+                _ = grace_over => {
+                    warn!(unacked = unsent.len() + inflight.len(),
+                        "shutdown grace over; unacknowledged messages stay queued and are resent at next start");
+                    return End::Shutdown;
+                }
+            }
+        }
+    }
+
+    async fn refuse(&self, seq: i64, reason: String) {
+        error!(id = %self.message_id(seq), %reason, "upstream refused a message; moved to the dead-letter table");
+        self.metrics.dead_lettered.inc();
+        let _ = self.store.dead_letter(seq, reason).await;
+    }
+
+    fn message_id(&self, seq: i64) -> String {
+        format!("{}-{}-{}", self.gateway, self.store.epoch(), seq)
+    }
+}
+
+/// Upper estimate of a publish packet's size on the wire.
+fn packet_size(row: &Row, id_property: &str) -> usize {
+    row.payload.len() + row.topic.len() + id_property.len() + 64 + 32
+}

@@ -1,0 +1,3 @@
+//! Ingest: sources that feed the queue. `mqtt` is the embedded broker devices publish to.
+
+pub mod mqtt;

@@ -1,0 +1,287 @@
+//! The embedded MQTT broker (rumqttd) devices publish to, and the local links that carry every
+//! routed publish into the queue.
+//!
+//! rumqttd acknowledges a device's QoS 1 publish once it is in its in-memory log, before
+//! edgeferry commits it: that is the documented loss window (README, "Delivery contract"). Each
+//! route has its own link subscribed to its filter, so a message matching two routes is queued
+//! once per route, and every link reads as fast as the store accepts. The broker keeps
+//! `local.buffer` bytes of log per route; if ingest falls further behind than that (the store
+//! stalled), the broker skips ahead and the skip is counted as `edgeferry_local_dropped_total`.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::{Broker, Notification};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Config, DedupKey, RouteSpec};
+use crate::dedup;
+use crate::queue::{NewMessage, StoreHandle};
+use crate::telemetry::Metrics;
+
+/// Why the local broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The listen address is unusable (in use, not local, permission).
+    #[error("{key} {addr}: cannot listen: {source}")]
+    Listen {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// rumqttd refused its configuration or a link.
+    #[error("local broker: {0}")]
+    Broker(String),
+}
+
+/// The running local side: the broker's thread and one link per route.
+pub struct LocalBroker {
+    broker: Broker,
+    links: Vec<(RouteSpec, LinkTx, LinkRx)>,
+}
+
+/// Segments per route log. Fewer, larger segments waste less per segment; more, smaller ones
+/// make eviction drop less at a time. Four is the middle.
+const SEGMENTS: u64 = 4;
+
+impl LocalBroker {
+    /// Check the listen addresses, configure rumqttd and subscribe one link per route. The
+    /// listeners start accepting in [`LocalBroker::start`].
+    pub fn new(config: &Config) -> Result<LocalBroker, IngestError> {
+        // rumqttd binds on its own thread and only logs a failure there; binding here first
+        // turns "address in use" into a clear start-up error.
+        probe_listen("local.listen", config.local.listen)?;
+        if let Some(v5) = config.local.listen_v5 {
+            probe_listen("local.listen_v5", v5)?;
+        }
+        let broker_config = broker_config(config)?;
+        let broker = Broker::new(broker_config);
+        let mut links = Vec::new();
+        for (i, spec) in config.route_specs().into_iter().enumerate() {
+            let (mut tx, rx) = broker
+                .link(&format!("edgeferry-route-{i}"))
+                .map_err(|e| IngestError::Broker(format!("link for route {i}: {e}")))?;
+            tx.subscribe(spec.filter.as_str()).map_err(|e| {
+                IngestError::Broker(format!("subscribe {}: {e}", spec.filter.as_str()))
+            })?;
+            links.push((spec, tx, rx));
+        }
+        Ok(LocalBroker { broker, links })
+    }
+
+    /// Start the listeners (on rumqttd's own threads) and the ingest tasks. Returns when
+    /// `shutdown` fires and every link has handed what it had read to the store.
+    pub async fn run(
+        self,
+        gateway: String,
+        store: StoreHandle,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<(), IngestError> {
+        let LocalBroker { mut broker, links } = self;
+        let alerts = broker
+            .alerts()
+            .map_err(|e| IngestError::Broker(e.to_string()))?;
+        std::thread::Builder::new()
+            .name("edgeferry-broker".into())
+            .spawn(move || {
+                if let Err(e) = broker.start() {
+                    error!(error = %e, "local broker stopped");
+                }
+            })
+            .map_err(|e| IngestError::Broker(format!("cannot start thread: {e}")))?;
+
+        let m = metrics.clone();
+        let alert_task = tokio::spawn(async move {
+            while let Ok(batch) = alerts.next().await {
+                for alert in batch {
+                    // rumqttd does not export AlertKind; its name() is the stable handle.
+                    if alert.kind.name() == "cursor_jump" {
+                        m.local_dropped.inc();
+                        error!(client = %alert.client_id, kind = ?alert.kind,
+                            "local broker dropped messages that ingest had not read yet (data loss before commit); raise local.buffer or check the store's disk");
+                    } else {
+                        warn!(client = %alert.client_id, kind = ?alert.kind, "local broker alert");
+                    }
+                }
+            }
+        });
+
+        let mut tasks = Vec::new();
+        for (spec, tx, rx) in links {
+            tasks.push(tokio::spawn(read_link(
+                spec,
+                tx,
+                rx,
+                gateway.clone(),
+                store.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            )));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        alert_task.abort();
+        Ok(())
+    }
+}
+
+fn probe_listen(key: &'static str, addr: SocketAddr) -> Result<(), IngestError> {
+    TcpListener::bind(addr)
+        .map(drop)
+        .map_err(|source| IngestError::Listen { key, addr, source })
+}
+
+/// rumqttd's configuration, written as its own TOML (several of its fields are private and
+/// settable only through deserialisation). Alerts (cursor jumps) are pushed every 5 s; rumqttd's
+/// timer unwraps both intervals, so meters must be configured too (daily, unused).
+fn broker_config(config: &Config) -> Result<rumqttd::Config, IngestError> {
+    let l = &config.local;
+    let segment = (l.buffer.0 / SEGMENTS).max(l.max_payload.0 + 1024);
+    let connections = format!(
+        "connection_timeout_ms = 10000\nmax_payload_size = {}\nmax_inflight_count = 100\ndynamic_filters = true\n",
+        l.max_payload.0
+    );
+    let mut text = format!(
+        "id = 0\n\
+         [router]\nid = 0\nmax_connections = {}\nmax_outgoing_packet_count = 1024\nmax_segment_size = {segment}\nmax_segment_count = {SEGMENTS}\n\
+         [metrics.alerts]\npush_interval = 5\n[metrics.meters]\npush_interval = 86400\n\
+         [v4.1]\nname = \"local-v4\"\nlisten = \"{}\"\nnext_connection_delay_ms = 0\n[v4.1.connections]\n{connections}",
+        // Our own links count against the router's connection limit.
+        l.max_connections + config.routes.len() + 8,
+        l.listen,
+    );
+    if let Some(v5) = l.listen_v5 {
+        text += &format!(
+            "[v5.1]\nname = \"local-v5\"\nlisten = \"{v5}\"\nnext_connection_delay_ms = 0\n[v5.1.connections]\n{connections}"
+        );
+    }
+    toml::from_str(&text).map_err(|e| IngestError::Broker(format!("internal config: {e}")))
+}
+
+/// Read one route's link until shutdown, queueing every publish.
+async fn read_link(
+    spec: RouteSpec,
+    _tx: LinkTx,
+    mut rx: LinkRx,
+    gateway: String,
+    store: StoreHandle,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let route = spec.filter.as_str().to_string();
+    loop {
+        let notification = tokio::select! {
+            biased;
+            n = rx.next() => n,
+            _ = shutdown.cancelled() => break,
+        };
+        match notification {
+            Ok(Some(Notification::Forward(fwd))) => {
+                if !queue_one(
+                    &spec,
+                    &gateway,
+                    fwd.publish,
+                    fwd.properties,
+                    &store,
+                    &metrics,
+                )
+                .await
+                {
+                    return;
+                }
+            }
+            Ok(Some(Notification::Unschedule)) => {
+                // The router paused this link because its buffer filled; we have drained it.
+                if rx.wake().await.is_err() {
+                    error!(%route, "local broker is gone; ingest for this route stopped");
+                    return;
+                }
+            }
+            Ok(Some(other)) => debug!(%route, ?other, "ignoring local notification"),
+            Ok(None) => {}
+            Err(e) => {
+                error!(%route, error = %e, "local link failed; ingest for this route stopped");
+                return;
+            }
+        }
+    }
+    // Shutdown: take what the broker already handed us (acknowledged to devices) without
+    // waiting for more, so it is committed rather than lost.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(50), rx.next()).await {
+            Ok(Ok(Some(Notification::Forward(fwd)))) => {
+                if !queue_one(
+                    &spec,
+                    &gateway,
+                    fwd.publish,
+                    fwd.properties,
+                    &store,
+                    &metrics,
+                )
+                .await
+                {
+                    return;
+                }
+            }
+            Ok(Ok(Some(Notification::Unschedule))) => {
+                let _ = rx.wake().await;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    info!(%route, "ingest stopped");
+}
+
+/// Queue one publish; false when the store is gone.
+async fn queue_one(
+    spec: &RouteSpec,
+    gateway: &str,
+    publish: rumqttd::protocol::Publish,
+    properties: Option<rumqttd::protocol::PublishProperties>,
+    store: &StoreHandle,
+    metrics: &Metrics,
+) -> bool {
+    let received = Instant::now();
+    metrics.ingested.inc();
+    let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+        // rumqttd validates topics as UTF-8 already; this is a guard, counted as missing key.
+        warn!("local publish with a non-UTF-8 topic dropped");
+        return true;
+    };
+    let dedup_key = spec.dedup.as_ref().and_then(|rule| {
+        let props: &[(String, String)] = properties
+            .as_ref()
+            .map(|p| p.user_properties.as_slice())
+            .unwrap_or(&[]);
+        let key = dedup::extract(rule, topic, &publish.payload, props);
+        if key.is_none() {
+            metrics.ingest_dedup_key_missing.inc();
+            if matches!(rule, DedupKey::Property(_)) {
+                debug!(%topic, "dedup property missing");
+            }
+        }
+        key
+    });
+    let upstream_topic = if spec.template.is_identity() {
+        topic.to_string()
+    } else {
+        spec.template.render(topic, gateway)
+    };
+    store
+        .enqueue(NewMessage {
+            topic: upstream_topic,
+            payload: publish.payload,
+            dedup_key,
+            received,
+            done: None,
+        })
+        .await
+        .is_ok()
+}

@@ -1,0 +1,718 @@
+//! The durable store-and-forward queue: one SQLite file, owned by one thread.
+//!
+//! # Invariants
+//!
+//! - **Durable = committed.** A message is *committed* when the SQLite transaction that inserted
+//!   it returned from COMMIT. With `sync = "full"` (the default) that COMMIT fsynced the WAL, so
+//!   the row survives kill -9 and power loss; with `sync = "normal"` it survives kill -9 but the
+//!   last commits may be lost on power loss. Only committed rows are ever handed to the
+//!   forwarder, and an ingest caller's completion (`Enqueued::Committed`) fires only after COMMIT.
+//! - **Deleted only on acknowledgement.** A row leaves `messages` only through [`StoreHandle::ack`]
+//!   (the upstream's PUBACK for it) or [`StoreHandle::dead_letter`] (the upstream refused it; the
+//!   row moves to `dead_letters` with a reason in the same transaction). Nothing else deletes.
+//! - **Ids are stable and never reused.** `seq` is an `AUTOINCREMENT` rowid: strictly increasing,
+//!   never reused even after the table empties. The message id sent upstream is
+//!   `{gateway}-{epoch}-{seq}`, where `epoch` is random per store file, so a recreated store
+//!   cannot collide with ids a consumer has already seen. A resend carries the same id.
+//! - **Order.** Rows are returned in `seq` order, i.e. commit order.
+//! - **Crash.** Writes are buffered for at most `commit_interval` (or `commit_batch` messages)
+//!   and executed in one transaction. A crash loses only the uncommitted buffer: inserts whose
+//!   completion never fired, and acks whose delete was not yet committed (those rows are resent:
+//!   a bounded duplicate, see README "Delivery contract").
+//! - **Never destroy an operator's file.** A file that is not SQLite, is SQLite but not ours, is
+//!   corrupt, or comes from a newer schema is refused with an error naming it; it is never
+//!   truncated, deleted or "repaired" here.
+//! - **Dedup.** Ingest dedup keys live in `dedup` and are written in the same transaction as the
+//!   message they admitted, so after a crash a key is remembered iff its message was committed.
+
+mod schema;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info, warn};
+
+use crate::config::SyncMode;
+use crate::telemetry::Metrics;
+
+pub use schema::SCHEMA_VERSION;
+
+/// Why the store cannot be opened or used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The directory for the file is missing or not writable, or the file cannot be opened.
+    #[error("store.path {path}: cannot open: {detail}")]
+    Open { path: PathBuf, detail: String },
+    /// The file exists but is not an SQLite database.
+    #[error("store.path {path}: not an edgeferry store (not an SQLite database); refusing to use it, the file is left untouched")]
+    NotADatabase { path: PathBuf },
+    /// An SQLite database that belongs to something else.
+    #[error("store.path {path}: an SQLite database that is not an edgeferry store (application_id {app_id:#x}); refusing to use it, the file is left untouched")]
+    Foreign { path: PathBuf, app_id: i64 },
+    /// Written by a newer edgeferry whose schema this build does not know.
+    #[error("store.path {path}: schema version {found} is newer than this edgeferry supports ({known}); upgrade edgeferry, the file is left untouched")]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    /// SQLite reports corruption.
+    #[error("store.path {path}: database is corrupt ({detail}); refusing to start, the file is left untouched (move it aside to start empty, or try `sqlite3 FILE .recover`)")]
+    Corrupt { path: PathBuf, detail: String },
+    /// Any other SQLite error.
+    #[error("store.path {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    /// The store thread has stopped.
+    #[error("store is closed")]
+    Closed,
+}
+
+/// Settings of an open store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub sync: SyncMode,
+    pub commit_interval: Duration,
+    pub commit_batch: usize,
+    pub dedup_window: Duration,
+    pub dedup_max_keys: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            sync: SyncMode::Full,
+            commit_interval: Duration::from_millis(5),
+            commit_batch: 1024,
+            dedup_window: Duration::from_secs(3600),
+            dedup_max_keys: 100_000,
+        }
+    }
+}
+
+/// A message to commit.
+#[derive(Debug)]
+pub struct NewMessage {
+    /// Upstream topic (already rendered from the route's template).
+    pub topic: String,
+    pub payload: Bytes,
+    /// Ingest dedup key (already scoped to its source), if the route has one and it was found.
+    pub dedup_key: Option<Vec<u8>>,
+    /// When ingest received it: the start of the ack-to-commit window.
+    pub received: Instant,
+    /// Told the outcome once known (serial ports use it to acknowledge frames to the device).
+    pub done: Option<oneshot::Sender<Enqueued>>,
+}
+
+/// What became of a [`NewMessage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Committed under this sequence number.
+    Committed(i64),
+    /// Its dedup key was seen within the window; not queued again.
+    Duplicate,
+}
+
+/// A committed message as the forwarder sees it.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub seq: i64,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub enqueued_ms: i64,
+}
+
+/// A point-in-time view of the queue.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub depth: u64,
+    pub oldest_enqueued_ms: Option<i64>,
+    pub dead_letters: u64,
+}
+
+enum Cmd {
+    Insert(NewMessage),
+    Ack(i64),
+    DeadLetter(i64, String),
+    Fetch {
+        after: i64,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<Row>, String>>,
+    },
+    Stats(oneshot::Sender<Stats>),
+    /// Commit everything buffered, then reply.
+    Flush(oneshot::Sender<()>),
+    /// Test hook: stop at once, discarding the buffer, as kill -9 would.
+    #[cfg(test)]
+    Crash,
+}
+
+/// Cheap, cloneable access to the store thread.
+#[derive(Clone)]
+pub struct StoreHandle {
+    // Bounded: when full, `enqueue` waits, which stops ingest reading from the local broker; the
+    // broker keeps acknowledging devices into its in-memory log (sized by local.buffer), and if
+    // that overflows it drops the oldest part, counted as edgeferry_local_dropped_total.
+    tx: flume::Sender<Cmd>,
+    committed: watch::Receiver<i64>,
+    epoch: Arc<str>,
+}
+
+/// The open store: the handle plus the thread, joined by [`Store::close`].
+pub struct Store {
+    handle: StoreHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Channel capacity between the async side and the store thread.
+const CHANNEL_CAPACITY: usize = 16 * 1024;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Open (or create) the store file and start its thread.
+    pub fn open(
+        path: &Path,
+        options: StoreOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Store, StoreError> {
+        let conn = schema::open(path, options.sync)?;
+        let epoch: String = conn
+            .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+                r.get(0)
+            })
+            .map_err(|e| schema::classify(path, e))?;
+        let (depth, last_seq): (u64, i64) = conn
+            .query_row(
+                "SELECT count(*), coalesce(max(seq), 0) FROM messages",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            )
+            .map_err(|e| schema::classify(path, e))?;
+        let dead: i64 = conn
+            .query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))
+            .map_err(|e| schema::classify(path, e))?;
+        let dedup_keys: i64 = conn
+            .query_row("SELECT count(*) FROM dedup", [], |r| r.get(0))
+            .map_err(|e| schema::classify(path, e))?;
+        metrics.queue_depth.set(depth);
+        metrics.dead_letters.set(dead as u64);
+        if depth > 0 {
+            info!(depth, "store opened with a backlog; it will be forwarded");
+        }
+        let (tx, rx) = flume::bounded(CHANNEL_CAPACITY);
+        let (committed_tx, committed_rx) = watch::channel(last_seq);
+        let mut worker = Worker {
+            conn,
+            path: path.to_path_buf(),
+            options,
+            metrics,
+            rx,
+            committed: committed_tx,
+            pending: Vec::new(),
+            pending_keys: HashSet::new(),
+            pending_acks: HashSet::new(),
+            depth,
+            dead_letters: dead as u64,
+            dedup_keys: dedup_keys as u64,
+            last_maintenance: Instant::now(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("edgeferry-store".into())
+            .spawn(move || worker.run())
+            .map_err(|e| StoreError::Open {
+                path: path.to_path_buf(),
+                detail: format!("cannot start store thread: {e}"),
+            })?;
+        Ok(Store {
+            handle: StoreHandle {
+                tx,
+                committed: committed_rx,
+                epoch: epoch.into(),
+            },
+            thread: Some(thread),
+        })
+    }
+
+    pub fn handle(&self) -> StoreHandle {
+        self.handle.clone()
+    }
+
+    /// Commit what is buffered and stop the thread. Other handles must be dropped first or the
+    /// thread keeps serving them; this waits for that.
+    pub fn close(mut self) {
+        let Store { handle, thread } = &mut self;
+        let (reply, wait) = oneshot::channel();
+        if handle.tx.send(Cmd::Flush(reply)).is_ok() {
+            let _ = wait.blocking_recv();
+        }
+        // Drop our sender; the thread exits when every handle is gone.
+        let (dummy, _) = flume::bounded(1);
+        handle.tx = dummy;
+        if let Some(t) = thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    #[cfg(test)]
+    fn crash(mut self) {
+        let _ = self.handle.tx.send(Cmd::Crash);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl StoreHandle {
+    /// Queue a message for the next commit. Waits while the store's channel is full.
+    pub async fn enqueue(&self, msg: NewMessage) -> Result<(), StoreError> {
+        self.tx
+            .send_async(Cmd::Insert(msg))
+            .await
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// The upstream acknowledged `seq`: delete it (at the next commit).
+    pub async fn ack(&self, seq: i64) -> Result<(), StoreError> {
+        self.tx
+            .send_async(Cmd::Ack(seq))
+            .await
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// The upstream refused `seq` for good: move it to the dead-letter table with `reason`.
+    pub async fn dead_letter(&self, seq: i64, reason: String) -> Result<(), StoreError> {
+        self.tx
+            .send_async(Cmd::DeadLetter(seq, reason))
+            .await
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Up to `limit` committed rows with `seq > after`, oldest first, skipping rows whose ack is
+    /// buffered but not yet committed.
+    pub async fn fetch(&self, after: i64, limit: usize) -> Result<Vec<Row>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send_async(Cmd::Fetch {
+                after,
+                limit,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        match rx.await {
+            Ok(Ok(rows)) => Ok(rows),
+            Ok(Err(detail)) => Err(StoreError::Corrupt {
+                path: PathBuf::from("(open store)"),
+                detail,
+            }),
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send_async(Cmd::Stats(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Commit everything buffered so far.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send_async(Cmd::Flush(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Watch the highest committed seq (changes after every commit that inserted rows).
+    pub fn committed(&self) -> watch::Receiver<i64> {
+        self.committed.clone()
+    }
+
+    /// The random per-file epoch that makes message ids unique across store files.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+}
+
+/// A buffered write waiting for the next commit.
+enum Write {
+    Insert(NewMessage),
+    Ack(i64),
+    DeadLetter(i64, String),
+}
+
+struct Worker {
+    conn: Connection,
+    path: PathBuf,
+    options: StoreOptions,
+    metrics: Arc<Metrics>,
+    rx: flume::Receiver<Cmd>,
+    committed: watch::Sender<i64>,
+    pending: Vec<Write>,
+    /// Dedup keys of buffered inserts (the table only knows committed ones).
+    pending_keys: HashSet<Vec<u8>>,
+    /// Seqs with a buffered ack or dead-letter: hidden from fetch so a reconnect's re-read does
+    /// not resend what the upstream already acknowledged.
+    pending_acks: HashSet<i64>,
+    depth: u64,
+    dead_letters: u64,
+    dedup_keys: u64,
+    last_maintenance: Instant,
+}
+
+/// What one transaction did.
+#[derive(Default)]
+struct Committed {
+    /// Seq of each insert, in buffer order.
+    seqs: Vec<i64>,
+    /// Rows deleted from `messages` (acked or dead-lettered).
+    removed: u64,
+    /// Rows moved to `dead_letters`.
+    buried: u64,
+}
+
+/// How often idle maintenance (dedup window pruning) runs.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(10);
+
+impl Worker {
+    fn run(&mut self) {
+        loop {
+            let first = match self.rx.recv_timeout(MAINTENANCE_EVERY) {
+                Ok(cmd) => cmd,
+                Err(flume::RecvTimeoutError::Timeout) => {
+                    self.maintenance();
+                    continue;
+                }
+                Err(flume::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut deadline = None;
+            let mut next = Some(first);
+            let mut closing = false;
+            // Gather a group: commands are applied as they come; writes are buffered until the
+            // group is full or the first buffered write has waited commit_interval.
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    #[cfg(test)]
+                    Cmd::Crash => return,
+                    Cmd::Flush(reply) => {
+                        self.commit();
+                        let _ = reply.send(());
+                    }
+                    other => self.apply(other),
+                }
+                if self.pending.is_empty() {
+                    break;
+                }
+                let d =
+                    *deadline.get_or_insert_with(|| Instant::now() + self.options.commit_interval);
+                if self.pending.len() >= self.options.commit_batch {
+                    break;
+                }
+                match self.rx.recv_deadline(d) {
+                    Ok(cmd) => next = Some(cmd),
+                    Err(flume::RecvTimeoutError::Timeout) => break,
+                    Err(flume::RecvTimeoutError::Disconnected) => {
+                        closing = true;
+                        break;
+                    }
+                }
+            }
+            self.commit();
+            if closing {
+                break;
+            }
+            if self.last_maintenance.elapsed() >= MAINTENANCE_EVERY {
+                self.maintenance();
+            }
+        }
+        self.commit();
+        // Fold the WAL back into the main file so a clean stop leaves one file behind.
+        if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
+            warn!(error = %e, "store: final checkpoint failed (harmless; redone at next open)");
+        }
+    }
+
+    fn apply(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Insert(msg) => {
+                if let Some(key) = &msg.dedup_key {
+                    if self.is_duplicate(key) {
+                        self.metrics.ingest_duplicates.inc();
+                        if let Some(done) = msg.done {
+                            let _ = done.send(Enqueued::Duplicate);
+                        }
+                        return;
+                    }
+                    self.pending_keys.insert(key.clone());
+                }
+                self.pending.push(Write::Insert(msg));
+            }
+            Cmd::Ack(seq) => {
+                self.pending_acks.insert(seq);
+                self.pending.push(Write::Ack(seq));
+            }
+            Cmd::DeadLetter(seq, reason) => {
+                self.pending_acks.insert(seq);
+                self.pending.push(Write::DeadLetter(seq, reason));
+            }
+            Cmd::Fetch {
+                after,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.fetch(after, limit));
+            }
+            Cmd::Stats(reply) => {
+                let oldest = self
+                    .conn
+                    .query_row(
+                        "SELECT enqueued_ms FROM messages ORDER BY seq LIMIT 1",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .unwrap_or(None);
+                let _ = reply.send(Stats {
+                    depth: self.depth,
+                    oldest_enqueued_ms: oldest,
+                    dead_letters: self.dead_letters,
+                });
+            }
+            Cmd::Flush(reply) => {
+                self.commit();
+                let _ = reply.send(());
+            }
+            #[cfg(test)]
+            Cmd::Crash => {}
+        }
+    }
+
+    fn is_duplicate(&self, key: &[u8]) -> bool {
+        if self.pending_keys.contains(key) {
+            return true;
+        }
+        let horizon = now_ms() - self.options.dedup_window.as_millis() as i64;
+        match self
+            .conn
+            .prepare_cached("SELECT seen_ms FROM dedup WHERE key = ?1")
+            .and_then(|mut st| st.query_row([key], |r| r.get::<_, i64>(0)).optional())
+        {
+            Ok(Some(seen)) => seen >= horizon,
+            Ok(None) => false,
+            Err(e) => {
+                // Fail open: a lookup error must not drop data; a duplicate is the lesser harm.
+                warn!(error = %e, "store: dedup lookup failed; admitting the message");
+                false
+            }
+        }
+    }
+
+    fn fetch(&self, after: i64, limit: usize) -> Result<Vec<Row>, String> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, topic, payload, enqueued_ms FROM messages WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
+            .map_err(|e| e.to_string())?;
+        let want = limit + self.pending_acks.len().min(limit * 4);
+        let rows = st
+            .query_map(params![after, want as i64], |r| {
+                Ok(Row {
+                    seq: r.get(0)?,
+                    topic: r.get(1)?,
+                    payload: r.get(2)?,
+                    enqueued_ms: r.get(3)?,
+                })
+            })
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::with_capacity(limit.min(1024));
+        for row in rows {
+            let row = row.map_err(|e| e.to_string())?;
+            if self.pending_acks.contains(&row.seq) {
+                continue;
+            }
+            out.push(row);
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Execute the buffered writes in one transaction. On failure (disk full, I/O error) the
+    /// buffer is kept and retried with backoff: ingest stalls rather than dropping anything.
+    fn commit(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut delay = Duration::from_millis(50);
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            match self.try_commit() {
+                Ok(results) => {
+                    if let Some(since) = failing_since {
+                        info!(after = ?since.elapsed(), "store: commits succeed again");
+                    }
+                    self.finish(results);
+                    return;
+                }
+                Err(e) => {
+                    self.metrics.store_commit_errors.inc();
+                    if failing_since.is_none() {
+                        error!(error = %e, path = %self.path.display(), buffered = self.pending.len(),
+                            "store: commit failed; ingest is paused and the commit retried until it succeeds (is the disk full?)");
+                        failing_since = Some(Instant::now());
+                    }
+                    if self.rx.is_disconnected()
+                        && failing_since.is_some_and(|s| s.elapsed() > Duration::from_secs(10))
+                    {
+                        let lost = self
+                            .pending
+                            .iter()
+                            .filter(|w| matches!(w, Write::Insert(_)))
+                            .count();
+                        error!(lost, "store: shutting down while commits fail; the buffered, never-committed messages are lost");
+                        self.metrics.store_lost_uncommitted.add(lost as u64);
+                        self.pending.clear();
+                        return;
+                    }
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// One transaction for the whole buffer; returns the seq of each insert, in buffer order.
+    fn try_commit(&mut self) -> rusqlite::Result<Committed> {
+        let now = now_ms();
+        let tx = self.conn.transaction()?;
+        let mut done = Committed::default();
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO messages (topic, payload, enqueued_ms) VALUES (?1, ?2, ?3)",
+            )?;
+            let mut remember =
+                tx.prepare_cached("INSERT OR REPLACE INTO dedup (key, seen_ms) VALUES (?1, ?2)")?;
+            let mut delete = tx.prepare_cached("DELETE FROM messages WHERE seq = ?1")?;
+            let mut bury = tx.prepare_cached(
+                "INSERT OR REPLACE INTO dead_letters (seq, topic, payload, enqueued_ms, failed_ms, reason)
+                 SELECT seq, topic, payload, enqueued_ms, ?2, ?3 FROM messages WHERE seq = ?1",
+            )?;
+            for w in &self.pending {
+                match w {
+                    Write::Insert(m) => {
+                        insert.execute(params![m.topic, &m.payload[..], now])?;
+                        done.seqs.push(tx.last_insert_rowid());
+                        if let Some(k) = &m.dedup_key {
+                            remember.execute(params![k, now])?;
+                        }
+                    }
+                    Write::Ack(seq) => {
+                        // 0 rows when the row is already gone (acked twice after a resend).
+                        done.removed += delete.execute([seq])? as u64;
+                    }
+                    Write::DeadLetter(seq, reason) => {
+                        done.buried += bury.execute(params![seq, now, reason])? as u64;
+                        done.removed += delete.execute([seq])? as u64;
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(done)
+    }
+
+    fn finish(&mut self, done: Committed) {
+        let mut seqs = done.seqs.into_iter();
+        let mut last = None;
+        let mut inserted = 0u64;
+        for w in self.pending.drain(..) {
+            match w {
+                Write::Insert(m) => {
+                    let seq = seqs.next().unwrap_or_default();
+                    last = Some(seq);
+                    inserted += 1;
+                    self.metrics.commit_latency.record(m.received.elapsed());
+                    if m.dedup_key.is_some() {
+                        self.dedup_keys += 1;
+                    }
+                    if let Some(done) = m.done {
+                        let _ = done.send(Enqueued::Committed(seq));
+                    }
+                }
+                Write::Ack(_) | Write::DeadLetter(..) => {}
+            }
+        }
+        self.pending_keys.clear();
+        self.pending_acks.clear();
+        self.depth = (self.depth + inserted).saturating_sub(done.removed);
+        self.dead_letters += done.buried;
+        self.metrics
+            .acked
+            .add(done.removed - done.buried.min(done.removed));
+        self.metrics.committed.add(inserted);
+        self.metrics.queue_depth.set(self.depth);
+        self.metrics.dead_letters.set(self.dead_letters);
+        self.metrics.store_commits.inc();
+        if let Some(seq) = last {
+            self.committed.send_replace(seq);
+        }
+    }
+
+    /// Forget dedup keys outside the window: by age, then the oldest beyond `dedup_max_keys`.
+    /// `dedup_keys` is an upper estimate (a replaced key counts twice), so the exact count, a
+    /// scan, is taken only when the estimate says the limit may be exceeded.
+    fn maintenance(&mut self) {
+        self.last_maintenance = Instant::now();
+        if self.dedup_keys == 0 {
+            return;
+        }
+        let horizon = now_ms() - self.options.dedup_window.as_millis() as i64;
+        let result = (|| -> rusqlite::Result<()> {
+            let aged = self
+                .conn
+                .execute("DELETE FROM dedup WHERE seen_ms < ?1", [horizon])?;
+            self.dedup_keys = self.dedup_keys.saturating_sub(aged as u64);
+            if self.dedup_keys > self.options.dedup_max_keys {
+                let n: i64 = self
+                    .conn
+                    .query_row("SELECT count(*) FROM dedup", [], |r| r.get(0))?;
+                let excess = n - self.options.dedup_max_keys as i64;
+                if excess > 0 {
+                    self.conn.execute(
+                        "DELETE FROM dedup WHERE key IN (SELECT key FROM dedup ORDER BY seen_ms LIMIT ?1)",
+                        [excess],
+                    )?;
+                }
+                self.dedup_keys = n.min(self.options.dedup_max_keys as i64).max(0) as u64;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            warn!(error = %e, "store: maintenance failed; will retry");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

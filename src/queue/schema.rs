@@ -1,0 +1,153 @@
+//! Opening the store file: identity checks, pragmas, schema creation and migrations.
+
+use std::path::Path;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+
+use super::StoreError;
+use crate::config::SyncMode;
+
+/// `PRAGMA application_id` of an edgeferry store: "EFRY".
+pub const APPLICATION_ID: i64 = 0x4546_5259;
+
+/// The schema this build writes. `MIGRATIONS[i]` takes a store from version i to i + 1.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: the initial schema.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE messages (
+         seq INTEGER PRIMARY KEY AUTOINCREMENT,
+         topic TEXT NOT NULL,
+         payload BLOB NOT NULL,
+         enqueued_ms INTEGER NOT NULL
+     );
+     CREATE TABLE dedup (key BLOB PRIMARY KEY, seen_ms INTEGER NOT NULL) WITHOUT ROWID;
+     CREATE INDEX dedup_by_age ON dedup (seen_ms);
+     CREATE TABLE dead_letters (
+         seq INTEGER PRIMARY KEY,
+         topic TEXT NOT NULL,
+         payload BLOB NOT NULL,
+         enqueued_ms INTEGER NOT NULL,
+         failed_ms INTEGER NOT NULL,
+         reason TEXT NOT NULL
+     );",
+];
+
+/// Map an SQLite error to what the operator needs to know.
+pub fn classify(path: &Path, e: rusqlite::Error) -> StoreError {
+    let path = path.to_path_buf();
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => StoreError::NotADatabase { path },
+        Some(ErrorCode::DatabaseCorrupt) => StoreError::Corrupt {
+            path,
+            detail: e.to_string(),
+        },
+        Some(ErrorCode::CannotOpen)
+        | Some(ErrorCode::PermissionDenied)
+        | Some(ErrorCode::ReadOnly) => StoreError::Open {
+            path,
+            detail: e.to_string(),
+        },
+        _ => StoreError::Sqlite { path, source: e },
+    }
+}
+
+/// Open or create the store at `path`, refusing anything that is not ours.
+pub fn open(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(StoreError::Open {
+                path: path.to_path_buf(),
+                detail: format!("directory {} does not exist", dir.display()),
+            });
+        }
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| classify(path, e))?;
+    let c = |e| classify(path, e);
+
+    // Identity first, before any pragma that writes (journal_mode = WAL would modify a foreign
+    // file's header).
+    let app_id: i64 = conn
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(c)?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(c)?;
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+        .map_err(c)?;
+    let fresh = app_id == 0 && version == 0 && tables == 0;
+    if !fresh && app_id != APPLICATION_ID {
+        return Err(StoreError::Foreign {
+            path: path.to_path_buf(),
+            app_id,
+        });
+    }
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            known: SCHEMA_VERSION,
+        });
+    }
+
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(c)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Open {
+            path: path.to_path_buf(),
+            detail: format!("cannot switch to WAL mode (got {mode}); is the filesystem read-only or a network mount?"),
+        });
+    }
+    let sync = match sync {
+        SyncMode::Full => "FULL",
+        SyncMode::Normal => "NORMAL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {sync};
+         PRAGMA busy_timeout = 5000;
+         PRAGMA journal_size_limit = 16777216;
+         PRAGMA temp_store = MEMORY;
+         PRAGMA foreign_keys = OFF;"
+    ))
+    .map_err(c)?;
+
+    if version < SCHEMA_VERSION {
+        migrate(&conn, version, fresh).map_err(c)?;
+    }
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection, from: i64, fresh: bool) -> rusqlite::Result<()> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| {
+        for (v, sql) in MIGRATIONS.iter().enumerate().skip(from as usize) {
+            conn.execute_batch(sql)?;
+            conn.execute_batch(&format!("PRAGMA user_version = {}", v + 1))?;
+        }
+        if fresh {
+            conn.execute_batch(&format!("PRAGMA application_id = {APPLICATION_ID}"))?;
+            let epoch = format!("{:08x}", fastrand::u32(..));
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('epoch', ?1)",
+                [epoch],
+            )?;
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => conn.execute_batch("COMMIT"),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}

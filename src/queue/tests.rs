@@ -1,0 +1,445 @@
+//! Store tests: invariants on a real SQLite file, and random operation sequences with crashes and
+//! reopens checked against a simple in-memory model.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use tokio::sync::oneshot;
+
+use super::*;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn open(path: &Path) -> Store {
+    Store::open(path, StoreOptions::default(), Arc::new(Metrics::default())).unwrap()
+}
+
+fn msg(
+    topic: &str,
+    payload: &[u8],
+    key: Option<&[u8]>,
+) -> (NewMessage, oneshot::Receiver<Enqueued>) {
+    let (tx, rx) = oneshot::channel();
+    (
+        NewMessage {
+            topic: topic.into(),
+            payload: Bytes::copy_from_slice(payload),
+            dedup_key: key.map(|k| k.to_vec()),
+            received: Instant::now(),
+            done: Some(tx),
+        },
+        rx,
+    )
+}
+
+async fn put(h: &StoreHandle, payload: &[u8], key: Option<&[u8]>) -> Enqueued {
+    let (m, rx) = msg("t", payload, key);
+    h.enqueue(m).await.unwrap();
+    rx.await.unwrap()
+}
+
+#[test]
+fn committed_rows_survive_reopen_in_order_and_acked_ones_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let rt = rt();
+    let store = open(&path);
+    let h = store.handle();
+    let seqs: Vec<i64> = rt.block_on(async {
+        let mut seqs = vec![];
+        for i in 0..10u8 {
+            match put(&h, &[i], None).await {
+                Enqueued::Committed(s) => seqs.push(s),
+                other => panic!("{other:?}"),
+            }
+        }
+        h.ack(seqs[0]).await.unwrap();
+        h.ack(seqs[3]).await.unwrap();
+        h.flush().await.unwrap();
+        seqs
+    });
+    drop(h);
+    store.close();
+
+    let store = open(&path);
+    let h = store.handle();
+    let rows = rt.block_on(h.fetch(0, 100)).unwrap();
+    let got: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    let want: Vec<i64> = seqs
+        .iter()
+        .copied()
+        .filter(|s| *s != seqs[0] && *s != seqs[3])
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(rows[0].payload, vec![1u8]);
+    drop(h);
+    store.close();
+}
+
+#[test]
+fn sequence_numbers_are_never_reused_after_the_queue_empties() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let rt = rt();
+    let store = open(&path);
+    let h = store.handle();
+    let first = rt.block_on(async {
+        let Enqueued::Committed(s) = put(&h, b"a", None).await else {
+            panic!()
+        };
+        h.ack(s).await.unwrap();
+        h.flush().await.unwrap();
+        s
+    });
+    drop(h);
+    store.close();
+    let store = open(&path);
+    let h = store.handle();
+    let Enqueued::Committed(second) = rt.block_on(put(&h, b"b", None)) else {
+        panic!()
+    };
+    assert!(second > first, "seq {second} reused after {first}");
+    drop(h);
+    store.close();
+}
+
+#[test]
+fn dedup_keys_suppress_repeats_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let rt = rt();
+    let store = open(&path);
+    let h = store.handle();
+    rt.block_on(async {
+        assert!(matches!(
+            put(&h, b"x", Some(b"k1")).await,
+            Enqueued::Committed(_)
+        ));
+        assert_eq!(put(&h, b"x", Some(b"k1")).await, Enqueued::Duplicate);
+        // Same batch: two sends before any commit.
+        let (a, ra) = msg("t", b"y", Some(b"k2"));
+        let (b, rb) = msg("t", b"y", Some(b"k2"));
+        h.enqueue(a).await.unwrap();
+        h.enqueue(b).await.unwrap();
+        assert!(matches!(ra.await.unwrap(), Enqueued::Committed(_)));
+        assert_eq!(rb.await.unwrap(), Enqueued::Duplicate);
+    });
+    drop(h);
+    store.close();
+    let store = open(&path);
+    let h = store.handle();
+    rt.block_on(async {
+        assert_eq!(put(&h, b"x", Some(b"k1")).await, Enqueued::Duplicate);
+        assert_eq!(h.fetch(0, 10).await.unwrap().len(), 2);
+    });
+    drop(h);
+    store.close();
+}
+
+#[test]
+fn dedup_window_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let rt = rt();
+    let options = StoreOptions {
+        dedup_window: Duration::from_millis(50),
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&path, options, Arc::new(Metrics::default())).unwrap();
+    let h = store.handle();
+    rt.block_on(async {
+        assert!(matches!(
+            put(&h, b"x", Some(b"k")).await,
+            Enqueued::Committed(_)
+        ));
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert!(matches!(
+            put(&h, b"x", Some(b"k")).await,
+            Enqueued::Committed(_)
+        ));
+    });
+    drop(h);
+    store.close();
+}
+
+#[test]
+fn dead_letters_leave_the_queue_with_their_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let rt = rt();
+    let store = open(&path);
+    let h = store.handle();
+    rt.block_on(async {
+        let Enqueued::Committed(s) = put(&h, b"bad", None).await else {
+            panic!()
+        };
+        h.dead_letter(s, "NotAuthorized".into()).await.unwrap();
+        h.flush().await.unwrap();
+        assert!(h.fetch(0, 10).await.unwrap().is_empty());
+        let st = h.stats().await.unwrap();
+        assert_eq!((st.depth, st.dead_letters), (0, 1));
+    });
+    drop(h);
+    store.close();
+    let conn = Connection::open(&path).unwrap();
+    let reason: String = conn
+        .query_row("SELECT reason FROM dead_letters", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(reason, "NotAuthorized");
+}
+
+#[test]
+fn buffered_ack_hides_the_row_from_a_reread() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let options = StoreOptions {
+        commit_interval: Duration::from_secs(1),
+        commit_batch: 1_000_000,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(
+        &dir.path().join("q.db"),
+        options,
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
+    let h = store.handle();
+    rt.block_on(async {
+        let (m, rx) = msg("t", b"a", None);
+        h.enqueue(m).await.unwrap();
+        h.flush().await.unwrap();
+        let Enqueued::Committed(s) = rx.await.unwrap() else {
+            panic!()
+        };
+        h.ack(s).await.unwrap();
+        // The ack waits for its group commit; a re-read in the meantime must not return the row.
+        assert!(h.fetch(0, 10).await.unwrap().is_empty());
+    });
+    drop(h);
+    store.close();
+}
+
+/// Files that are not ours are refused and left byte-for-byte untouched.
+#[test]
+fn foreign_corrupt_and_future_files_are_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |name: &str, setup: &dyn Fn(&Path), expect: &str| {
+        let path = dir.path().join(name);
+        setup(&path);
+        let before = std::fs::read(&path).unwrap();
+        let err = Store::open(&path, StoreOptions::default(), Arc::new(Metrics::default()))
+            .err()
+            .unwrap_or_else(|| panic!("{name}: opened"));
+        assert!(err.to_string().contains(expect), "{name}: {err}");
+        assert!(
+            err.to_string().contains(name),
+            "{name}: error must name the file: {err}"
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            before,
+            "{name}: file was modified"
+        );
+    };
+    check(
+        "text.db",
+        &|p| std::fs::write(p, b"hello, I am a text file, not SQLite at all....").unwrap(),
+        "not an SQLite database",
+    );
+    check(
+        "foreign.db",
+        &|p| {
+            let c = Connection::open(p).unwrap();
+            c.execute_batch("CREATE TABLE customers (id INTEGER)")
+                .unwrap();
+        },
+        "not an edgeferry store",
+    );
+    check(
+        "future.db",
+        &|p| {
+            let c = Connection::open(p).unwrap();
+            c.execute_batch(&format!(
+                "PRAGMA application_id = {}; PRAGMA user_version = 99; CREATE TABLE x (y)",
+                schema::APPLICATION_ID
+            ))
+            .unwrap();
+        },
+        "newer than this edgeferry",
+    );
+    check(
+        "corrupt.db",
+        &|p| {
+            {
+                let store = open(p);
+                let rt = rt();
+                let h = store.handle();
+                rt.block_on(async {
+                    for i in 0..2000u32 {
+                        let (m, _rx) = msg("t", &i.to_le_bytes().repeat(64), None);
+                        h.enqueue(m).await.unwrap();
+                    }
+                    h.flush().await.unwrap();
+                });
+                drop(h);
+                store.close();
+            }
+            // Scribble over the middle of the file: the b-tree pages, not the header.
+            let mut bytes = std::fs::read(p).unwrap();
+            let mid = bytes.len() / 2;
+            for b in &mut bytes[mid..mid + 8192] {
+                *b = 0x5a;
+            }
+            std::fs::write(p, bytes).unwrap();
+        },
+        "corrupt",
+    );
+}
+
+#[test]
+fn a_missing_directory_is_a_clear_error() {
+    let err = Store::open(
+        Path::new("/nonexistent-dir/q.db"),
+        StoreOptions::default(),
+        Arc::new(Metrics::default()),
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.to_string().contains("/nonexistent-dir does not exist"),
+        "{err}"
+    );
+}
+
+// ---- model test -------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum Op {
+    Insert(u8),
+    /// Ack the n-th oldest row the store currently returns (if any).
+    Ack(usize),
+    Flush,
+    /// Stop the store thread abruptly (buffer discarded, as with kill -9), then reopen.
+    Crash,
+    /// Clean close and reopen.
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => any::<u8>().prop_map(Op::Insert),
+        3 => (0usize..4).prop_map(Op::Ack),
+        1 => Just(Op::Flush),
+        1 => Just(Op::Crash),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// After any sequence of inserts, acks, flushes, crashes and reopens:
+    /// - every insert confirmed committed, and not acked-and-flushed, is in the store;
+    /// - nothing acked-and-flushed is;
+    /// - nothing is in the store that was never inserted;
+    /// - rows come back in seq order, and seqs are never reused.
+    #[test]
+    fn store_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let rt = rt();
+        // Long commit interval so buffered, uncommitted writes exist when a crash hits.
+        let options = StoreOptions { commit_interval: Duration::from_millis(20), commit_batch: 7, ..StoreOptions::default() };
+        let mut store = Store::open(&path, options.clone(), Arc::new(Metrics::default())).unwrap();
+        // seq -> payload for confirmed commits that were not acked durably.
+        let mut must: BTreeMap<i64, u8> = BTreeMap::new();
+        // seq -> payload: everything ever inserted (committed or not).
+        let mut ever: BTreeMap<i64, u8> = BTreeMap::new();
+        let mut gone: Vec<i64> = Vec::new();
+        let mut unconfirmed: Vec<(u8, oneshot::Receiver<Enqueued>)> = Vec::new();
+        let mut acked_unflushed: Vec<i64> = Vec::new();
+        let mut max_seq = 0i64;
+
+        let collect = |unconfirmed: &mut Vec<(u8, oneshot::Receiver<Enqueued>)>, must: &mut BTreeMap<i64, u8>, ever: &mut BTreeMap<i64, u8>, max_seq: &mut i64| {
+            for (p, mut rx) in unconfirmed.drain(..) {
+                if let Ok(Enqueued::Committed(s)) = rx.try_recv() {
+                    assert!(s > *max_seq, "seq {s} not above {max_seq}");
+                    *max_seq = s;
+                    must.insert(s, p);
+                    ever.insert(s, p);
+                }
+            }
+        };
+
+        for op in ops {
+            let h = store.handle();
+            match op {
+                Op::Insert(p) => {
+                    let (m, rx) = msg("t", &[p], None);
+                    rt.block_on(h.enqueue(m)).unwrap();
+                    unconfirmed.push((p, rx));
+                }
+                Op::Ack(n) => {
+                    rt.block_on(h.flush()).unwrap();
+                    collect(&mut unconfirmed, &mut must, &mut ever, &mut max_seq);
+                    for s in acked_unflushed.drain(..) { must.remove(&s); gone.push(s); }
+                    let rows = rt.block_on(h.fetch(0, 8)).unwrap();
+                    if let Some(r) = rows.get(n) {
+                        rt.block_on(h.ack(r.seq)).unwrap();
+                        acked_unflushed.push(r.seq);
+                    }
+                }
+                Op::Flush => {
+                    rt.block_on(h.flush()).unwrap();
+                    collect(&mut unconfirmed, &mut must, &mut ever, &mut max_seq);
+                    for s in acked_unflushed.drain(..) { must.remove(&s); gone.push(s); }
+                }
+                Op::Crash | Op::Reopen => {
+                    drop(h);
+                    if matches!(op, Op::Crash) { store.crash(); } else {
+                        store.close();
+                        for s in acked_unflushed.drain(..) { must.remove(&s); gone.push(s); }
+                    }
+                    // What was confirmed is committed; an unconfirmed insert may or may not be.
+                    collect(&mut unconfirmed, &mut must, &mut ever, &mut max_seq);
+                    let mut candidates: Vec<u8> = unconfirmed.drain(..).map(|(p, _)| p).collect();
+                    acked_unflushed.clear();
+                    store = Store::open(&path, options.clone(), Arc::new(Metrics::default())).unwrap();
+                    let h = store.handle();
+                    let rows = rt.block_on(h.fetch(0, 100_000)).unwrap();
+                    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+                    prop_assert!(seqs.windows(2).all(|w| w[0] < w[1]), "not in order: {seqs:?}");
+                    for (s, p) in &must {
+                        let row = rows.iter().find(|r| r.seq == *s);
+                        prop_assert!(row.is_some(), "committed seq {s} lost; have {seqs:?}");
+                        prop_assert_eq!(&row.unwrap().payload, &vec![*p]);
+                    }
+                    for s in &gone {
+                        prop_assert!(!seqs.contains(s), "acked seq {s} came back");
+                    }
+                    for r in &rows {
+                        if !ever.contains_key(&r.seq) {
+                            // Committed without confirmation: it must be one of the unconfirmed
+                            // inserts, and from now on it is a real row.
+                            let at = candidates.iter().position(|p| *p == r.payload[0]);
+                            prop_assert!(at.is_some(), "row {} was never inserted", r.seq);
+                            candidates.remove(at.unwrap());
+                            ever.insert(r.seq, r.payload[0]);
+                            must.insert(r.seq, r.payload[0]);
+                        }
+                    }
+                    for s in seqs { max_seq = max_seq.max(s); }
+                }
+            }
+        }
+        drop(unconfirmed);
+        store.close();
+    }
+}

@@ -1,0 +1,146 @@
+//! Running the daemon: open the store, start the local broker, ingest and forwarder, wait for a
+//! shutdown signal, then stop in order (ingest, commit, in-flight grace, close the store).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::forward::backoff::Backoff;
+use crate::forward::client::Settings;
+use crate::forward::Forwarder;
+use crate::ingest::mqtt::{IngestError, LocalBroker};
+use crate::queue::{Store, StoreError, StoreOptions};
+use crate::telemetry::{self, Metrics};
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The store could not be opened (or was refused).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The local broker could not start.
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    /// Upstream settings unusable (TLS files).
+    #[error("{0}")]
+    Upstream(String),
+    /// The metrics endpoint could not listen.
+    #[error("telemetry.metrics_listen {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Run until `shutdown` resolves, then stop cleanly.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
+    let metrics = Arc::new(Metrics::default());
+    let settings = Settings::from_config(&config).map_err(ServiceError::Upstream)?;
+    let store = Store::open(
+        &config.store.path,
+        StoreOptions {
+            sync: config.store.sync,
+            commit_interval: config.store.commit_interval.0,
+            commit_batch: config.store.commit_batch,
+            dedup_window: config.dedup.window.0,
+            dedup_max_keys: config.dedup.max_keys,
+        },
+        metrics.clone(),
+    )?;
+    let local = LocalBroker::new(&config)?;
+    let metrics_task = match config.telemetry.metrics_listen {
+        Some(addr) => {
+            let listener = telemetry::bind_metrics(addr)
+                .await
+                .map_err(|source| ServiceError::Metrics { addr, source })?;
+            Some(tokio::spawn(telemetry::serve_metrics(
+                listener,
+                metrics.clone(),
+            )))
+        }
+        None => None,
+    };
+
+    let ingest_stop = CancellationToken::new();
+    let forward_stop = CancellationToken::new();
+    let ingest = tokio::spawn(local.run(
+        config.gateway.id.clone(),
+        store.handle(),
+        metrics.clone(),
+        ingest_stop.clone(),
+    ));
+    let up = &config.upstream;
+    let forwarder = Forwarder {
+        settings,
+        gateway: config.gateway.id.clone(),
+        backoff: Backoff::new(up.backoff_initial.0, up.backoff_max.0, up.stable_after.0),
+        grace: config.shutdown.grace.0,
+        store: store.handle(),
+        metrics: metrics.clone(),
+    };
+    let forward = tokio::spawn(forwarder.run(forward_stop.clone()));
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        local = %config.local.listen,
+        store = %config.store.path.display(),
+        upstream = %config.upstream.address,
+        backlog = metrics.queue_depth.get(),
+        "edgeferry running"
+    );
+
+    shutdown.await;
+    info!("shutting down: stopping ingest");
+    ingest_stop.cancel();
+    match ingest.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => error!(error = %e, "ingest ended with an error"),
+        Err(e) => error!(error = %e, "ingest task failed"),
+    }
+    if let Err(e) = store.handle().flush().await {
+        warn!(error = %e, "final commit of ingested messages failed");
+    }
+    forward_stop.cancel();
+    // The forwarder bounds its own wait by the grace period; this is a backstop.
+    let backstop = config.shutdown.grace.0 + Duration::from_secs(3);
+    if tokio::time::timeout(backstop, forward).await.is_err() {
+        warn!("forwarder did not stop within the grace period");
+    }
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    let depth = metrics.queue_depth.get();
+    tokio::task::spawn_blocking(move || store.close())
+        .await
+        .ok();
+    info!(
+        queued = depth,
+        committed = metrics.committed.get(),
+        forwarded = metrics.acked.get(),
+        commit_p99_us = metrics.commit_latency.quantile_us(0.99).unwrap_or(0),
+        "stopped; queued messages are kept for the next start"
+    );
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn signals() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM received"),
+                _ = int.recv() => info!("SIGINT received"),
+            }
+        }
+        _ => {
+            // Without signal handlers only ctrl-c remains; better than never stopping cleanly.
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,387 @@
+//! Counters, gauges and latency histograms, the Prometheus text endpoint, and log setup.
+//!
+//! Every notable event (a duplicate suppressed, a commit error, a reconnect, a local drop)
+//! updates a counter here as well as logging, so operators can alert on numbers.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1)
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Log-linear histogram of durations in microseconds: 8 sub-buckets per power of two, so any
+/// quantile is within 12.5% of the true value; fixed memory, lock-free recording.
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+const SUB: u32 = 8;
+const GROUPS: u32 = 40;
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            buckets: (0..(SUB * GROUPS)).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    fn index(us: u64) -> usize {
+        if us < SUB as u64 {
+            return us as usize;
+        }
+        let group = 63 - us.leading_zeros(); // floor(log2), >= 3
+        let sub = (us >> (group - 3)) & (SUB as u64 - 1);
+        (((group - 2) * SUB) as u64 + sub).min((SUB * GROUPS - 1) as u64) as usize
+    }
+
+    /// Lower bound of bucket `i` in microseconds.
+    fn lower(i: usize) -> u64 {
+        let i = i as u64;
+        if i < SUB as u64 {
+            return i;
+        }
+        let group = i / SUB as u64 + 2;
+        let sub = i % SUB as u64;
+        (SUB as u64 + sub) << (group - 3)
+    }
+
+    pub fn record(&self, d: Duration) {
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        self.buckets[Self::index(us)].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Approximate quantile (0.0..=1.0) in microseconds; None when empty.
+    pub fn quantile_us(&self, q: f64) -> Option<u64> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b.load(Ordering::Relaxed);
+            if seen >= rank {
+                // Report the bucket's upper edge: a conservative (never optimistic) figure.
+                return Some(Self::lower(i + 1).saturating_sub(1).max(Self::lower(i)));
+            }
+        }
+        None
+    }
+}
+
+/// All of the daemon's metrics. Names in the Prometheus output are `edgeferry_<field>`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Messages received from local devices on a routed topic.
+    pub ingested: Counter,
+    /// Messages committed to the queue.
+    pub committed: Counter,
+    /// Messages not queued because their dedup key was seen within the window.
+    pub ingest_duplicates: Counter,
+    /// Messages on a dedup route that carried no usable key (queued without dedup).
+    pub ingest_dedup_key_missing: Counter,
+    /// Times the local broker skipped part of its log because ingest fell behind (data loss
+    /// before commit: raise local.buffer).
+    pub local_dropped: Counter,
+    /// Queue rows deleted after the upstream's PUBACK.
+    pub acked: Counter,
+    /// Publishes handed to the upstream connection (resends included).
+    pub published: Counter,
+    /// Rows moved to the dead-letter table (the upstream refused them).
+    pub dead_lettered: Counter,
+    /// Failed store commits (each is retried; ingest pauses meanwhile).
+    pub store_commit_errors: Counter,
+    /// Buffered messages lost because commits kept failing through shutdown.
+    pub store_lost_uncommitted: Counter,
+    /// Store transactions committed.
+    pub store_commits: Counter,
+    /// Successful upstream connections.
+    pub upstream_connects: Counter,
+    /// Upstream connections lost or attempts failed.
+    pub upstream_errors: Counter,
+    /// 1 while connected upstream.
+    pub upstream_connected: Gauge,
+    /// Messages in the queue.
+    pub queue_depth: Gauge,
+    /// Rows in the dead-letter table.
+    pub dead_letters: Gauge,
+    /// From ingest receiving a message to its commit: the window in which a device already has
+    /// its PUBACK but the message is not yet on disk.
+    pub commit_latency: Histogram,
+    /// From publish to PUBACK upstream.
+    pub upstream_ack_latency: Histogram,
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let counters: [(&str, &Counter, &str); 14] = [
+            (
+                "ingested_total",
+                &self.ingested,
+                "Messages received from local devices on a routed topic",
+            ),
+            (
+                "committed_total",
+                &self.committed,
+                "Messages committed to the queue",
+            ),
+            (
+                "ingest_duplicates_total",
+                &self.ingest_duplicates,
+                "Messages suppressed by ingest dedup",
+            ),
+            (
+                "ingest_dedup_key_missing_total",
+                &self.ingest_dedup_key_missing,
+                "Messages on a dedup route without a usable key",
+            ),
+            (
+                "local_dropped_total",
+                &self.local_dropped,
+                "Times the local broker skipped log data because ingest fell behind",
+            ),
+            (
+                "acked_total",
+                &self.acked,
+                "Queue rows deleted after the upstream PUBACK",
+            ),
+            (
+                "published_total",
+                &self.published,
+                "Publishes sent upstream, resends included",
+            ),
+            (
+                "dead_lettered_total",
+                &self.dead_lettered,
+                "Rows moved to the dead-letter table",
+            ),
+            (
+                "store_commit_errors_total",
+                &self.store_commit_errors,
+                "Failed store commits (retried)",
+            ),
+            (
+                "store_lost_uncommitted_total",
+                &self.store_lost_uncommitted,
+                "Buffered messages lost because commits failed through shutdown",
+            ),
+            (
+                "store_commits_total",
+                &self.store_commits,
+                "Store transactions committed",
+            ),
+            (
+                "upstream_connects_total",
+                &self.upstream_connects,
+                "Successful upstream connections",
+            ),
+            (
+                "upstream_errors_total",
+                &self.upstream_errors,
+                "Upstream connections lost or attempts failed",
+            ),
+            (
+                "build_info",
+                &Counter(AtomicU64::new(1)),
+                concat!("edgeferry ", env!("CARGO_PKG_VERSION")),
+            ),
+        ];
+        for (name, c, help) in counters {
+            let _ = writeln!(out, "# HELP edgeferry_{name} {help}\n# TYPE edgeferry_{name} counter\nedgeferry_{name} {}", c.get());
+        }
+        let gauges: [(&str, &Gauge, &str); 3] = [
+            (
+                "upstream_connected",
+                &self.upstream_connected,
+                "1 while connected upstream",
+            ),
+            (
+                "queue_depth",
+                &self.queue_depth,
+                "Messages waiting in the queue",
+            ),
+            (
+                "dead_letters",
+                &self.dead_letters,
+                "Rows in the dead-letter table",
+            ),
+        ];
+        for (name, g, help) in gauges {
+            let _ = writeln!(out, "# HELP edgeferry_{name} {help}\n# TYPE edgeferry_{name} gauge\nedgeferry_{name} {}", g.get());
+        }
+        for (name, h, help) in [
+            (
+                "commit_latency_seconds",
+                &self.commit_latency,
+                "Ingest receive to commit",
+            ),
+            (
+                "upstream_ack_latency_seconds",
+                &self.upstream_ack_latency,
+                "Publish to PUBACK upstream",
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP edgeferry_{name} {help}\n# TYPE edgeferry_{name} summary"
+            );
+            for q in [0.5, 0.9, 0.99, 0.999] {
+                if let Some(us) = h.quantile_us(q) {
+                    let _ = writeln!(
+                        out,
+                        "edgeferry_{name}{{quantile=\"{q}\"}} {:.6}",
+                        us as f64 / 1e6
+                    );
+                }
+            }
+            let _ = writeln!(
+                out,
+                "edgeferry_{name}_sum {:.6}\nedgeferry_{name}_count {}",
+                h.sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+                h.count()
+            );
+        }
+        out
+    }
+}
+
+/// Serve `GET /metrics` (any path, in fact) in Prometheus text format until the task is dropped.
+pub async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let (mut sock, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "metrics: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            // Read (and ignore) the request head, bounded in size and time.
+            let mut buf = [0u8; 2048];
+            let _ = tokio::time::timeout(Duration::from_secs(2), sock.read(&mut buf)).await;
+            let body = metrics.render();
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if let Err(e) = sock.write_all(resp.as_bytes()).await {
+                debug!(%peer, error = %e, "metrics: write failed");
+            }
+        });
+    }
+}
+
+/// Bind the metrics listener (separately, so a bad address fails before start-up completes).
+pub async fn bind_metrics(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Log to stderr. Under systemd (JOURNAL_STREAM set) timestamps are left to the journal.
+/// The embedded broker logs ordinary device disconnects at ERROR ("router-drop", "connection
+/// already gone"), which would make ERROR meaningless in the journal; its lines are off unless
+/// RUST_LOG asks for them, except server errors. The router event that matters, a log overflow,
+/// is counted and logged by ingest itself, and bind failures are caught before rumqttd starts.
+pub fn init_logging(level: &str) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::EnvFilter::try_new(format!(
+                "{level},rumqttd=off,rumqttd::server=error,rumqttc=warn"
+            ))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let result = if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().with_ansi(false).try_init()
+    } else {
+        builder.try_init()
+    };
+    let _ = result;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn empty_histogram_has_no_quantiles() {
+        assert_eq!(Histogram::default().quantile_us(0.99), None);
+    }
+
+    proptest! {
+        /// A quantile is never below the true value and at most 12.5% (+1 us) above it.
+        #[test]
+        fn quantiles_are_close_and_conservative(mut values in proptest::collection::vec(0u64..10_000_000, 1..300), q in 0.01f64..1.0) {
+            let h = Histogram::default();
+            for v in &values { h.record(Duration::from_micros(*v)); }
+            values.sort();
+            let rank = ((q * values.len() as f64).ceil() as usize).max(1);
+            let truth = values[rank - 1];
+            let got = h.quantile_us(q).unwrap();
+            prop_assert!(got >= truth, "got {got} < truth {truth}");
+            prop_assert!(got as f64 <= truth as f64 * 1.125 + 1.0, "got {got} too far above {truth}");
+        }
+    }
+
+    #[test]
+    fn render_names_every_counter() {
+        let m = Metrics::default();
+        m.committed.add(3);
+        m.commit_latency.record(Duration::from_millis(2));
+        let text = m.render();
+        assert!(text.contains("edgeferry_committed_total 3"));
+        assert!(text.contains("edgeferry_commit_latency_seconds_count 1"));
+    }
+}

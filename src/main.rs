@@ -37,10 +37,7 @@ fn main() -> ExitCode {
             runtime.shutdown_timeout(std::time::Duration::from_millis(200));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    fail(EXIT_FAILURE, &e.to_string())
-                }
+                Err(e) => fail(EXIT_FAILURE, &e.to_string()),
             }
         }
     }

@@ -129,7 +129,7 @@ fn run_with_the_local_port_taken_fails_naming_the_key() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let text = valid_config(dir.path()).replace(
-        &format!("listen = \"127.0.0.1:"),
+        "listen = \"127.0.0.1:",
         &format!("listen = \"127.0.0.1:{port}\"\n#"),
     );
     let cfg = dir.path().join("c.toml");

@@ -425,13 +425,13 @@ proptest! {
                         prop_assert!(!seqs.contains(s), "acked seq {s} came back");
                     }
                     for r in &rows {
-                        if !ever.contains_key(&r.seq) {
+                        if let std::collections::btree_map::Entry::Vacant(slot) = ever.entry(r.seq) {
                             // Committed without confirmation: it must be one of the unconfirmed
                             // inserts, and from now on it is a real row.
                             let at = candidates.iter().position(|p| *p == r.payload[0]);
                             prop_assert!(at.is_some(), "row {} was never inserted", r.seq);
                             candidates.remove(at.unwrap());
-                            ever.insert(r.seq, r.payload[0]);
+                            slot.insert(r.payload[0]);
                             must.insert(r.seq, r.payload[0]);
                         }
                     }

@@ -7,6 +7,7 @@
 //! - [`config`]: the TOML file, its defaults and validation (checked before anything starts).
 //! - [`ingest`]: sources. [`ingest::mqtt`] runs the embedded rumqttd broker and reads one local
 //!   link per route.
+//! - [`codec`]: serial framings (lines, COBS, SLIP, length+CRC, CBOR): pure, fuzzed decoders.
 //! - [`route`]: topic filters and upstream topic templates (pure).
 //! - [`dedup`]: ingest dedup keys (pure); the window itself is a table in the queue.
 //! - [`queue`]: the SQLite store on its own thread: group commit, stable ids, rows deleted only
@@ -17,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod dedup;
 pub mod forward;

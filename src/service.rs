@@ -11,10 +11,15 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::forward::backoff::Backoff;
 use crate::forward::client::Settings;
-use crate::forward::Forwarder;
+use crate::forward::{Downlink, Forwarder};
 use crate::ingest::mqtt::{IngestError, LocalBroker};
+use crate::ingest::serial::{self, SerialContext};
 use crate::queue::{Store, StoreError, StoreOptions};
+use crate::route::TopicFilter;
 use crate::telemetry::{self, Metrics};
+
+/// Downlink messages buffered per serial port while it is slow or absent.
+const DOWNLINK_QUEUE: usize = 64;
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +78,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         metrics.clone(),
         ingest_stop.clone(),
     ));
+    // Serial ports: one task each, stopped with ingest; downlink channels for those that want one.
+    let mut downlinks = Vec::new();
+    let mut serial_tasks = Vec::new();
+    for port in config.serial.clone() {
+        let downlink = match port.downlink.as_deref().map(TopicFilter::parse) {
+            Some(Ok(filter)) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(DOWNLINK_QUEUE);
+                downlinks.push(Downlink { filter, tx });
+                Some(rx)
+            }
+            _ => None,
+        };
+        let ctx = SerialContext {
+            gateway: config.gateway.id.clone(),
+            store: store.handle(),
+            metrics: metrics.clone(),
+            downlink,
+        };
+        serial_tasks.push(tokio::spawn(serial::run_port(
+            port,
+            ctx,
+            ingest_stop.clone(),
+        )));
+    }
     let up = &config.upstream;
     let forwarder = Forwarder {
         settings,
@@ -81,6 +110,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         grace: config.shutdown.grace.0,
         store: store.handle(),
         metrics: metrics.clone(),
+        downlinks,
     };
     let forward = tokio::spawn(forwarder.run(forward_stop.clone()));
     info!(
@@ -99,6 +129,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Ok(Ok(())) => {}
         Ok(Err(e)) => error!(error = %e, "ingest ended with an error"),
         Err(e) => error!(error = %e, "ingest task failed"),
+    }
+    for t in serial_tasks {
+        let _ = t.await;
     }
     if let Err(e) = store.handle().flush().await {
         warn!(error = %e, "final commit of ingested messages failed");

@@ -143,6 +143,18 @@ pub struct Metrics {
     pub upstream_connects: Counter,
     /// Upstream connections lost or attempts failed.
     pub upstream_errors: Counter,
+    /// Frames decoded from serial ports (all ports).
+    pub serial_frames: Counter,
+    /// Bad serial frames, by `codec::ErrorKind` (index = position in `ErrorKind::ALL`).
+    pub serial_bad_frames: [Counter; 5],
+    /// Serial ports (re)opened after being absent or failing.
+    pub serial_opens: Counter,
+    /// Acknowledgement frames written back to serial devices after commit.
+    pub serial_acks: Counter,
+    /// Downlink messages received from the upstream.
+    pub downlink_received: Counter,
+    /// Downlink messages dropped (the port was absent or its queue full).
+    pub downlink_dropped: Counter,
     /// 1 while connected upstream.
     pub upstream_connected: Gauge,
     /// Messages in the queue.
@@ -159,7 +171,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &Counter, &str); 14] = [
+        let counters: [(&str, &Counter, &str); 19] = [
             (
                 "ingested_total",
                 &self.ingested,
@@ -226,6 +238,31 @@ impl Metrics {
                 "Upstream connections lost or attempts failed",
             ),
             (
+                "serial_frames_total",
+                &self.serial_frames,
+                "Frames decoded from serial ports",
+            ),
+            (
+                "serial_opens_total",
+                &self.serial_opens,
+                "Serial ports opened or reopened",
+            ),
+            (
+                "serial_acks_total",
+                &self.serial_acks,
+                "Ack frames written to serial devices after commit",
+            ),
+            (
+                "downlink_received_total",
+                &self.downlink_received,
+                "Downlink messages received from the upstream",
+            ),
+            (
+                "downlink_dropped_total",
+                &self.downlink_dropped,
+                "Downlink messages dropped (port absent or queue full)",
+            ),
+            (
                 "build_info",
                 &Counter(AtomicU64::new(1)),
                 concat!("edgeferry ", env!("CARGO_PKG_VERSION")),
@@ -233,6 +270,18 @@ impl Metrics {
         ];
         for (name, c, help) in counters {
             let _ = writeln!(out, "# HELP edgeferry_{name} {help}\n# TYPE edgeferry_{name} counter\nedgeferry_{name} {}", c.get());
+        }
+        let _ = writeln!(out, "# HELP edgeferry_serial_bad_frames_total Bad serial frames by kind\n# TYPE edgeferry_serial_bad_frames_total counter");
+        for (kind, c) in crate::codec::ErrorKind::ALL
+            .iter()
+            .zip(&self.serial_bad_frames)
+        {
+            let _ = writeln!(
+                out,
+                "edgeferry_serial_bad_frames_total{{kind=\"{}\"}} {}",
+                kind.as_str(),
+                c.get()
+            );
         }
         let gauges: [(&str, &Gauge, &str); 3] = [
             (

@@ -5,6 +5,7 @@
 //! file, the key and the problem, e.g.
 //! `/etc/edgeferry/edgeferry.toml: upstream.protocol: unknown variant "v4", expected "v5" or "v3.1.1" (line 14)`.
 
+pub mod serial;
 pub mod units;
 
 use std::net::SocketAddr;
@@ -53,6 +54,8 @@ pub struct Config {
     pub upstream: Upstream,
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
+    #[serde(default, rename = "serial")]
+    pub serial: Vec<serial::SerialPort>,
     #[serde(default)]
     pub dedup: Dedup,
     #[serde(default)]
@@ -489,15 +492,29 @@ impl Config {
         if up.id_property.is_empty() {
             return Err(bad("upstream.id_property", "must not be empty".into()));
         }
-        if self.routes.is_empty() {
+        if self.routes.is_empty() && self.serial.is_empty() {
             return Err(bad(
                 "route",
-                "no [[route]] is configured, so nothing would be forwarded".into(),
+                "no [[route]] or [[serial]] is configured, so nothing would be forwarded".into(),
             ));
         }
         for (i, r) in self.routes.iter().enumerate() {
             self.route_spec(i, r)
                 .map_err(|(k, p)| bad(&format!("route[{i}].{k}"), p))?;
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, port) in self.serial.iter().enumerate() {
+            port.validate()
+                .map_err(|(k, p)| bad(&format!("serial[{i}].{k}"), p))?;
+            if !names.insert(port.name.as_str()) {
+                return Err(bad(
+                    &format!("serial[{i}].name"),
+                    format!("{:?} is used by another [[serial]] port", port.name),
+                ));
+            }
+            if let Some(filter) = &port.downlink {
+                TopicFilter::parse(filter).map_err(|p| bad(&format!("serial[{i}].downlink"), p))?;
+            }
         }
         if self.dedup.max_keys == 0 {
             return Err(bad("dedup.max_keys", "must be at least 1".into()));

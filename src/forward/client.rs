@@ -25,6 +25,8 @@ pub enum UpEvent {
     Sent(u16),
     /// PUBACK for a packet id; `refusal` is set when the broker refused the message (MQTT 5).
     Acked { pkid: u16, refusal: Option<Refusal> },
+    /// A message on a subscribed (downlink) topic.
+    Message { topic: String, payload: Vec<u8> },
 }
 
 /// An MQTT 5 PUBACK with a failure reason code.
@@ -211,6 +213,10 @@ impl UpClient {
                                 pkid: p.pkid,
                                 refusal: None,
                             },
+                            Ok(Event::Incoming(Packet::Publish(p))) => UpEvent::Message {
+                                topic: p.topic,
+                                payload: p.payload.to_vec(),
+                            },
                             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => UpEvent::Sent(pkid),
                             Ok(_) => continue,
                             Err(e) => {
@@ -253,6 +259,10 @@ impl UpClient {
                                 pkid: p.pkid,
                                 refusal: classify_refusal(p.reason),
                             },
+                            Ok(Event::Incoming(Incoming::Publish(p))) => UpEvent::Message {
+                                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                                payload: p.payload.to_vec(),
+                            },
                             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => UpEvent::Sent(pkid),
                             Ok(_) => continue,
                             Err(e) => {
@@ -292,6 +302,20 @@ impl UpClient {
                 .await
                 .map_err(|e| e.to_string())
             }
+        }
+    }
+
+    /// Subscribe to a downlink topic filter with QoS 1.
+    pub async fn subscribe(&self, filter: &str) -> Result<(), String> {
+        match self {
+            UpClient::V4(c) => c
+                .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+                .await
+                .map_err(|e| e.to_string()),
+            UpClient::V5(c, _) => c
+                .subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                .await
+                .map_err(|e| e.to_string()),
         }
     }
 

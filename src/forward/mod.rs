@@ -42,6 +42,14 @@ enum Link {
     Down,
 }
 
+/// Where upstream messages on a downlink topic go (e.g. a serial port's writer).
+pub struct Downlink {
+    pub filter: crate::route::TopicFilter,
+    /// Bounded: when full (the port is absent or slow), the message is dropped and counted;
+    /// downlink is best effort, the upstream side owns retries of commands.
+    pub tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+}
+
 pub struct Forwarder {
     pub settings: Settings,
     pub gateway: String,
@@ -49,6 +57,7 @@ pub struct Forwarder {
     pub grace: Duration,
     pub store: StoreHandle,
     pub metrics: Arc<Metrics>,
+    pub downlinks: Vec<Downlink>,
 }
 
 /// A row between "handed to the client" and its PUBACK.
@@ -221,7 +230,13 @@ impl Forwarder {
                             _ => info!(backlog, "upstream connected"),
                         }
                         *link = Link::Up;
+                        for d in &self.downlinks {
+                            if let Err(error) = client.subscribe(d.filter.as_str()).await {
+                                return End::Failed { error, connected };
+                            }
+                        }
                     }
+                    Some(Ok(UpEvent::Message { topic, payload })) => self.deliver_downlink(&topic, payload),
                     Some(Ok(UpEvent::Sent(pkid))) => match unsent.pop_front() {
                         Some(m) => {
                             inflight.insert(pkid, m);
@@ -269,6 +284,20 @@ impl Forwarder {
                     return End::Shutdown;
                 }
             }
+        }
+    }
+
+    fn deliver_downlink(&self, topic: &str, payload: Vec<u8>) {
+        self.metrics.downlink_received.inc();
+        let mut delivered = false;
+        for d in self.downlinks.iter().filter(|d| d.filter.matches(topic)) {
+            if d.tx.try_send(payload.clone()).is_ok() {
+                delivered = true;
+            }
+        }
+        if !delivered {
+            self.metrics.downlink_dropped.inc();
+            warn!(%topic, "downlink message dropped: no port ready for it");
         }
     }
 

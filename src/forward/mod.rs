@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::queue::{Row, StoreHandle};
+use crate::service::systemd::answer;
 use crate::telemetry::Metrics;
 use backoff::Backoff;
 use client::{needs_operator, Settings, UpClient, UpEvent};
@@ -58,6 +59,8 @@ pub struct Forwarder {
     pub store: StoreHandle,
     pub metrics: Arc<Metrics>,
     pub downlinks: Vec<Downlink>,
+    /// Liveness probes from the systemd watchdog, answered from the select loops.
+    pub probes: crate::service::systemd::ProbeRx,
 }
 
 /// A row between "handed to the client" and its PUBACK.
@@ -98,9 +101,14 @@ impl Forwarder {
                         debug!(%error, attempt = self.backoff.failures(), "upstream attempt failed");
                     }
                     let delay = self.backoff.next_delay(fastrand::f64());
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.cancelled() => break,
+                    let wake = tokio::time::sleep(delay);
+                    tokio::pin!(wake);
+                    loop {
+                        tokio::select! {
+                            _ = &mut wake => break,
+                            Some(reply) = self.probes.recv() => answer(Some(reply)),
+                            _ = shutdown.cancelled() => return,
+                        }
                     }
                 }
             }
@@ -278,6 +286,7 @@ impl Forwarder {
                     debug!(in_flight = unsent.len() + inflight.len(), "waiting for in-flight acks before stopping");
                     draining = Some(tokio::time::Instant::now() + self.grace);
                 }
+                Some(reply) = self.probes.recv() => answer(Some(reply)),
                 _ = grace_over => {
                     warn!(unacked = unsent.len() + inflight.len(),
                         "shutdown grace over; unacknowledged messages stay queued and are resent at next start");

@@ -20,6 +20,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{Config, DedupKey, RouteSpec};
 use crate::dedup;
 use crate::queue::{NewMessage, StoreHandle};
+use crate::service::systemd::{answer, ProbeRx};
 use crate::telemetry::Metrics;
 
 /// Why the local broker could not start.
@@ -48,6 +49,11 @@ pub struct LocalBroker {
 const SEGMENTS: u64 = 4;
 
 impl LocalBroker {
+    /// Number of local links (one per route); `run` wants one probe receiver per link.
+    pub fn links(&self) -> usize {
+        self.links.len()
+    }
+
     /// Check the listen addresses, configure rumqttd and subscribe one link per route. The
     /// listeners start accepting in [`LocalBroker::start`].
     pub fn new(config: &Config) -> Result<LocalBroker, IngestError> {
@@ -79,6 +85,7 @@ impl LocalBroker {
         gateway: String,
         store: StoreHandle,
         metrics: Arc<Metrics>,
+        probes: Vec<ProbeRx>,
         shutdown: CancellationToken,
     ) -> Result<(), IngestError> {
         let LocalBroker { mut broker, links } = self;
@@ -111,11 +118,12 @@ impl LocalBroker {
         });
 
         let mut tasks = Vec::new();
-        for (spec, tx, rx) in links {
+        for ((spec, tx, rx), probes) in links.into_iter().zip(probes) {
             tasks.push(tokio::spawn(read_link(
                 spec,
                 tx,
                 rx,
+                probes,
                 gateway.clone(),
                 store.clone(),
                 metrics.clone(),
@@ -164,10 +172,12 @@ fn broker_config(config: &Config) -> Result<rumqttd::Config, IngestError> {
 }
 
 /// Read one route's link until shutdown, queueing every publish.
+#[allow(clippy::too_many_arguments)] // one task per route: its link ends, probe, and shared context
 async fn read_link(
     spec: RouteSpec,
     _tx: LinkTx,
     mut rx: LinkRx,
+    mut probes: ProbeRx,
     gateway: String,
     store: StoreHandle,
     metrics: Arc<Metrics>,
@@ -178,6 +188,10 @@ async fn read_link(
         let notification = tokio::select! {
             biased;
             n = rx.next() => n,
+            Some(reply) = probes.recv() => {
+                answer(Some(reply));
+                continue;
+            }
             _ = shutdown.cancelled() => break,
         };
         match notification {

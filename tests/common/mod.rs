@@ -254,6 +254,8 @@ pub struct DaemonConfig {
     pub routes: String,
     pub extra: String,
     pub inflight: u16,
+    /// Extra environment for the daemon process (e.g. NOTIFY_SOCKET).
+    pub env: Vec<(String, String)>,
 }
 
 impl DaemonConfig {
@@ -264,6 +266,7 @@ impl DaemonConfig {
             routes: "[[route]]\nfrom = \"devices/#\"\nto = \"up/{topic}\"\n".into(),
             extra: String::new(),
             inflight: 32,
+            env: Vec::new(),
         }
     }
 }
@@ -277,6 +280,7 @@ pub struct Daemon {
     child: Option<Child>,
     log: PathBuf,
     starts: u32,
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -309,6 +313,7 @@ impl Daemon {
             child: None,
             log: dir.join("daemon.log"),
             starts: 0,
+            env: cfg.env.clone(),
         };
         d.spawn();
         d
@@ -326,6 +331,7 @@ impl Daemon {
             .arg("--config")
             .arg(&self.config_path)
             .env("RUST_LOG", "edgeferry=debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -399,6 +405,10 @@ impl Daemon {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     pub fn db_path(&self) -> PathBuf {

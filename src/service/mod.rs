@@ -1,6 +1,8 @@
 //! Running the daemon: open the store, start the local broker, ingest and forwarder, wait for a
 //! shutdown signal, then stop in order (ingest, commit, in-flight grace, close the store).
 
+pub mod systemd;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,10 +74,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let ingest_stop = CancellationToken::new();
     let forward_stop = CancellationToken::new();
+    let mut probes = Vec::new();
+    let mut link_probes = Vec::new();
+    for i in 0..local.links() {
+        let (p, rx) = systemd::probe(format!("ingest route {i}"));
+        probes.push(p);
+        link_probes.push(rx);
+    }
     let ingest = tokio::spawn(local.run(
         config.gateway.id.clone(),
         store.handle(),
         metrics.clone(),
+        link_probes,
         ingest_stop.clone(),
     ));
     // Serial ports: one task each, stopped with ingest; downlink channels for those that want one.
@@ -102,6 +112,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             ingest_stop.clone(),
         )));
     }
+    let (forwarder_probe, forwarder_probes) = systemd::probe("forwarder");
+    probes.push(forwarder_probe);
     let up = &config.upstream;
     let forwarder = Forwarder {
         settings,
@@ -111,6 +123,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         store: store.handle(),
         metrics: metrics.clone(),
         downlinks,
+        probes: forwarder_probes,
     };
     let forward = tokio::spawn(forwarder.run(forward_stop.clone()));
     info!(
@@ -122,7 +135,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "edgeferry running"
     );
 
+    wait_accepting(config.local.listen).await?;
+    systemd::ready(&systemd::summary(&metrics));
+    let watchdog_stop = CancellationToken::new();
+    let watchdog = tokio::spawn(systemd::watchdog(
+        probes,
+        store.handle(),
+        metrics.clone(),
+        watchdog_stop.clone(),
+    ));
+
     shutdown.await;
+    systemd::stopping();
+    watchdog_stop.cancel();
+    let _ = watchdog.await;
     info!("shutting down: stopping ingest");
     ingest_stop.cancel();
     match ingest.await {
@@ -157,6 +183,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "stopped; queued messages are kept for the next start"
     );
     Ok(())
+}
+
+/// Wait until the local broker accepts connections (rumqttd binds on its own thread).
+async fn wait_accepting(listen: std::net::SocketAddr) -> Result<(), ServiceError> {
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(ServiceError::Ingest(IngestError::Broker(format!(
+                "local.listen {listen}: the broker did not start accepting within 10s"
+            ))));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -194,34 +194,8 @@ async fn read_link(
             }
             _ = shutdown.cancelled() => break,
         };
-        match notification {
-            Ok(Some(Notification::Forward(fwd))) => {
-                if !queue_one(
-                    &spec,
-                    &gateway,
-                    fwd.publish,
-                    fwd.properties,
-                    &store,
-                    &metrics,
-                )
-                .await
-                {
-                    return;
-                }
-            }
-            Ok(Some(Notification::Unschedule)) => {
-                // The router paused this link because its buffer filled; we have drained it.
-                if rx.wake().await.is_err() {
-                    error!(%route, "local broker is gone; ingest for this route stopped");
-                    return;
-                }
-            }
-            Ok(Some(other)) => debug!(%route, ?other, "ignoring local notification"),
-            Ok(None) => {}
-            Err(e) => {
-                error!(%route, error = %e, "local link failed; ingest for this route stopped");
-                return;
-            }
+        if !handle(notification, &spec, &gateway, &mut rx, &store, &metrics).await {
+            return;
         }
     }
     // Shutdown: take what the broker already handed us (acknowledged to devices) without
@@ -229,28 +203,50 @@ async fn read_link(
     let deadline = Instant::now() + Duration::from_millis(500);
     while Instant::now() < deadline {
         match tokio::time::timeout(Duration::from_millis(50), rx.next()).await {
-            Ok(Ok(Some(Notification::Forward(fwd)))) => {
-                if !queue_one(
-                    &spec,
-                    &gateway,
-                    fwd.publish,
-                    fwd.properties,
-                    &store,
-                    &metrics,
-                )
-                .await
-                {
+            Ok(n @ Ok(Some(_))) => {
+                if !handle(n, &spec, &gateway, &mut rx, &store, &metrics).await {
                     return;
                 }
             }
-            Ok(Ok(Some(Notification::Unschedule))) => {
-                let _ = rx.wake().await;
-            }
-            Ok(Ok(_)) => {}
+            Ok(Ok(None)) => {}
             Ok(Err(_)) | Err(_) => break,
         }
     }
     info!(%route, "ingest stopped");
+}
+
+/// Act on one link notification; false when ingest for this route must stop.
+async fn handle(
+    notification: Result<Option<Notification>, rumqttd::local::LinkError>,
+    spec: &RouteSpec,
+    gateway: &str,
+    rx: &mut LinkRx,
+    store: &StoreHandle,
+    metrics: &Metrics,
+) -> bool {
+    let route = spec.filter.as_str();
+    match notification {
+        Ok(Some(Notification::Forward(fwd))) => {
+            queue_one(spec, gateway, fwd.publish, fwd.properties, store, metrics).await
+        }
+        Ok(Some(Notification::Unschedule)) => {
+            // The router paused this link because its buffer filled; we have drained it.
+            if rx.wake().await.is_err() {
+                error!(%route, "local broker is gone; ingest for this route stopped");
+                return false;
+            }
+            true
+        }
+        Ok(Some(other)) => {
+            debug!(%route, ?other, "ignoring local notification");
+            true
+        }
+        Ok(None) => true,
+        Err(e) => {
+            error!(%route, error = %e, "local link failed; ingest for this route stopped");
+            false
+        }
+    }
 }
 
 /// Queue one publish; false when the store is gone.

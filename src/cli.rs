@@ -31,8 +31,10 @@ pub enum Command {
     },
 }
 
-/// Exit status for an invalid configuration (sysexits EX_CONFIG). The systemd unit does not
-/// restart on it: retrying cannot fix a bad file.
+/// Exit status for an invalid configuration (sysexits EX_CONFIG), and for a store file that is
+/// not usable as one (not a database, another program's, a newer schema, corrupt). The systemd
+/// unit does not restart on it (`RestartPreventExitStatus=78`): retrying cannot fix a file.
 pub const EXIT_CONFIG: i32 = 78;
-/// Exit status for a run-time failure (store refused, port in use).
+/// Exit status for a run-time failure that a restart may cure (port in use, store directory not
+/// mounted yet, I/O error).
 pub const EXIT_FAILURE: i32 = 1;

@@ -37,7 +37,7 @@ fn main() -> ExitCode {
             runtime.shutdown_timeout(std::time::Duration::from_millis(200));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(EXIT_FAILURE, &e.to_string()),
+                Err(e) => fail(e.exit_code(), &e.to_string()),
             }
         }
     }

@@ -372,7 +372,7 @@ pub async fn bind_metrics(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Log to stderr. Under systemd (JOURNAL_STREAM set) timestamps are left to the journal.
+/// Log to stderr, coloured only on a terminal. Under systemd (JOURNAL_STREAM set) timestamps are left to the journal.
 /// The embedded broker logs ordinary device disconnects at ERROR ("router-drop", "connection
 /// already gone"), which would make ERROR meaningless in the journal; its lines are off unless
 /// RUST_LOG asks for them, except server errors. The router event that matters, a log overflow,
@@ -391,10 +391,12 @@ pub fn init_logging(level: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false);
+    // Colours only for a person at a terminal: escape codes in a log file or a pipe are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let result = if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.without_time().with_ansi(false).try_init()
     } else {
-        builder.try_init()
+        builder.with_ansi(ansi).try_init()
     };
     let _ = result;
 }

@@ -304,3 +304,64 @@ async fn sigterm_exits_0_and_keeps_the_backlog_for_the_next_start() {
     assert_eq!(d.terminate(), Some(0));
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// The store stalls (another process holds its write lock) while devices keep publishing, for
+/// longer than the local broker's log covers. The broker evicts what ingest had not read; each
+/// such message must be counted, exactly: every message the device had acknowledged is either
+/// committed or counted in edgeferry_local_dropped_total. The log says so, not once per message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evictions_during_a_store_stall_are_counted_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    // No upstream: everything committed stays in the queue, where the test can read it.
+    let mut cfg = DaemonConfig::new("v5", free_port());
+    cfg.local_extra = "max_payload = \"1KiB\"\nbuffer = \"64KiB\"\n".into();
+    let d = Daemon::start(dir.path(), &cfg);
+    let started = std::time::Instant::now();
+
+    let lock = rusqlite::Connection::open(d.db_path()).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let all = payloads("dev", 20_000);
+    publish_all(d.local, "dev", "devices/dev/t", all.clone()).await;
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+
+    let n = all.len() as u64;
+    let (committed, dropped) = wait_for("every message committed or counted", WAIT, || {
+        let m = scrape(d.metrics)?;
+        let (c, l) = (
+            m["edgeferry_committed_total"],
+            m["edgeferry_local_dropped_total"],
+        );
+        (c + l >= n).then_some((c, l))
+    });
+    eprintln!("committed {committed}, dropped {dropped}");
+    assert!(
+        dropped > 0,
+        "the stall must outlast the 64KiB log for this test to mean anything"
+    );
+    assert_eq!(
+        committed + dropped,
+        n,
+        "committed {committed} + dropped {dropped}"
+    );
+    let queued: std::collections::HashSet<Vec<u8>> =
+        queued_payloads(&d.db_path()).into_iter().collect();
+    assert_eq!(queued.len() as u64, committed);
+    let missing = all.iter().filter(|p| !queued.contains(*p)).count() as u64;
+    assert_eq!(
+        missing, dropped,
+        "every message not committed is counted, no more, no less"
+    );
+
+    let lines = d
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("local broker evicted messages"))
+        .count() as u64;
+    let limit = 1 + started.elapsed().as_secs() / 10;
+    assert!(
+        (1..=limit).contains(&lines),
+        "{lines} eviction lines in {:?}",
+        started.elapsed()
+    );
+}

@@ -166,54 +166,61 @@ impl Forwarder {
         let mut unsent: VecDeque<Inflight> = VecDeque::with_capacity(window);
         let mut inflight: HashMap<u16, Inflight> = HashMap::with_capacity(window);
         let mut draining: Option<tokio::time::Instant> = None;
+        // Rows read ahead of the window, so the store is asked once per batch rather than once
+        // per PUBACK. Refilled when less than a window's worth is left.
+        let prefetch = window + window.clamp(64, 1024);
+        let mut ready: VecDeque<Row> = VecDeque::with_capacity(prefetch);
 
         loop {
-            if connected && draining.is_none() && more {
-                let room = window - unsent.len() - inflight.len();
-                if room > 0 {
+            if connected && draining.is_none() {
+                if more && ready.len() < window {
                     committed.borrow_and_update();
-                    let rows = match self.store.fetch(cursor, room).await {
+                    let rows = match self.store.fetch(cursor, prefetch - ready.len()).await {
                         Ok(rows) => rows,
                         Err(e) => {
                             error!(error = %e, "forwarder cannot read the store");
                             return End::StoreClosed;
                         }
                     };
-                    if rows.len() < room {
-                        more = false;
+                    // Empty means caught up: wait for the next commit. (A short batch may be
+                    // cut by size, so only an empty one says so.)
+                    more = !rows.is_empty();
+                    if let Some(last) = rows.last() {
+                        cursor = last.seq;
                     }
-                    for row in rows {
-                        cursor = row.seq;
-                        if let Some(limit) = max_packet {
-                            if packet_size(&row, &self.settings.id_property) > limit as usize {
-                                self.refuse(
-                                    row.seq,
-                                    format!("larger than the upstream maximum packet size {limit}"),
-                                )
-                                .await;
-                                continue;
-                            }
+                    ready.extend(rows);
+                }
+                while unsent.len() + inflight.len() < window {
+                    let Some(row) = ready.pop_front() else { break };
+                    if let Some(limit) = max_packet {
+                        if packet_size(&row, &self.settings.id_property) > limit as usize {
+                            self.refuse(
+                                row.seq,
+                                format!("larger than the upstream maximum packet size {limit}"),
+                            )
+                            .await;
+                            continue;
                         }
-                        let Row {
-                            seq,
-                            topic,
-                            payload,
-                            ..
-                        } = row;
-                        let id = self.message_id(seq);
-                        if let Err(error) = client.publish(&topic, payload, id).await {
-                            return End::Failed { error, connected };
-                        }
-                        self.metrics.published.inc();
-                        unsent.push_back(Inflight {
-                            seq,
-                            sent: Instant::now(),
-                        });
                     }
-                    // Fetch again at once if the window still has room and rows remain.
-                    if more && window > unsent.len() + inflight.len() {
-                        continue;
+                    let Row {
+                        seq,
+                        topic,
+                        payload,
+                        ..
+                    } = row;
+                    let id = self.message_id(seq);
+                    if let Err(error) = client.publish(&topic, payload, id).await {
+                        return End::Failed { error, connected };
                     }
+                    self.metrics.published.inc();
+                    unsent.push_back(Inflight {
+                        seq,
+                        sent: Instant::now(),
+                    });
+                }
+                // Read ahead again at once if the window still has room and rows remain.
+                if more && ready.len() < window && unsent.len() + inflight.len() < window {
+                    continue;
                 }
             }
             if draining.is_some() && unsent.is_empty() && inflight.is_empty() {

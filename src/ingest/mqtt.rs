@@ -101,15 +101,14 @@ impl LocalBroker {
             })
             .map_err(|e| IngestError::Broker(format!("cannot start thread: {e}")))?;
 
-        let m = metrics.clone();
         let alert_task = tokio::spawn(async move {
             while let Ok(batch) = alerts.next().await {
                 for alert in batch {
                     // rumqttd does not export AlertKind; its name() is the stable handle.
+                    // Cursor jumps are counted exactly, and logged, by the link that
+                    // skipped (see `Gaps`); the alert itself carries no count.
                     if alert.kind.name() == "cursor_jump" {
-                        m.local_dropped.inc();
-                        error!(client = %alert.client_id, kind = ?alert.kind,
-                            "local broker dropped messages that ingest had not read yet (data loss before commit); raise local.buffer or check the store's disk");
+                        debug!(client = %alert.client_id, kind = ?alert.kind, "local broker alert");
                     } else {
                         warn!(client = %alert.client_id, kind = ?alert.kind, "local broker alert");
                     }
@@ -184,6 +183,7 @@ async fn read_link(
     shutdown: CancellationToken,
 ) {
     let route = spec.filter.as_str().to_string();
+    let mut gaps = Gaps::new(&route);
     loop {
         let notification = tokio::select! {
             biased;
@@ -194,7 +194,17 @@ async fn read_link(
             }
             _ = shutdown.cancelled() => break,
         };
-        if !handle(notification, &spec, &gateway, &mut rx, &store, &metrics).await {
+        if !handle(
+            notification,
+            &spec,
+            &gateway,
+            &mut rx,
+            &store,
+            &metrics,
+            &mut gaps,
+        )
+        .await
+        {
             return;
         }
     }
@@ -204,7 +214,7 @@ async fn read_link(
     while Instant::now() < deadline {
         match tokio::time::timeout(Duration::from_millis(50), rx.next()).await {
             Ok(n @ Ok(Some(_))) => {
-                if !handle(n, &spec, &gateway, &mut rx, &store, &metrics).await {
+                if !handle(n, &spec, &gateway, &mut rx, &store, &metrics, &mut gaps).await {
                     return;
                 }
             }
@@ -212,7 +222,57 @@ async fn read_link(
             Ok(Err(_)) | Err(_) => break,
         }
     }
+    gaps.flush();
     info!(%route, "ingest stopped");
+}
+
+/// Counts what the broker evicted from a route's log before its link read it.
+///
+/// Every publish in a filter's log has an absolute offset, one more than the previous; the link
+/// reads them in order. A gap between consecutive offsets is exactly the number of messages that
+/// were acknowledged to devices and then evicted unread (rumqttd's own alert says only that a
+/// jump happened). The link subscribes before the listeners start, so its first offset is 0.
+/// Logged at most once per [`Gaps::LOG_EVERY`] per route with the count since the last line;
+/// `edgeferry_local_dropped_total` has every one.
+struct Gaps {
+    route: String,
+    next: u64,
+    unlogged: u64,
+    last_log: Option<Instant>,
+}
+
+impl Gaps {
+    const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    fn new(route: &str) -> Gaps {
+        Gaps {
+            route: route.to_string(),
+            next: 0,
+            unlogged: 0,
+            last_log: None,
+        }
+    }
+
+    fn saw(&mut self, offset: u64, metrics: &Metrics) {
+        if offset > self.next {
+            let lost = offset - self.next;
+            metrics.local_dropped.add(lost);
+            self.unlogged += lost;
+            if self.last_log.is_none_or(|t| t.elapsed() >= Self::LOG_EVERY) {
+                self.flush();
+            }
+        }
+        self.next = self.next.max(offset + 1);
+    }
+
+    fn flush(&mut self) {
+        if self.unlogged > 0 {
+            error!(route = %self.route, lost = self.unlogged,
+                "local broker evicted messages ingest had not read yet: acknowledged to devices, never committed (counted in edgeferry_local_dropped_total; the store is too slow or stalled: check its disk, or raise local.buffer)");
+            self.unlogged = 0;
+            self.last_log = Some(Instant::now());
+        }
+    }
 }
 
 /// Act on one link notification; false when ingest for this route must stop.
@@ -223,10 +283,14 @@ async fn handle(
     rx: &mut LinkRx,
     store: &StoreHandle,
     metrics: &Metrics,
+    gaps: &mut Gaps,
 ) -> bool {
     let route = spec.filter.as_str();
     match notification {
         Ok(Some(Notification::Forward(fwd))) => {
+            if let Some((_, offset)) = fwd.cursor {
+                gaps.saw(offset, metrics);
+            }
             queue_one(spec, gateway, fwd.publish, fwd.properties, store, metrics).await
         }
         Ok(Some(Notification::Unschedule)) => {

@@ -172,8 +172,14 @@ pub struct Store {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Channel capacity between the async side and the store thread.
-const CHANNEL_CAPACITY: usize = 16 * 1024;
+/// Channel capacity between the async side and the store thread: about 30 ms of ingest at full
+/// speed, four default commit groups. Messages here are acknowledged but not yet committed, so a
+/// larger channel would only widen the crash-loss window and the memory held.
+const CHANNEL_CAPACITY: usize = 4 * 1024;
+
+/// A fetch stops after the row that takes it past this many payload and topic bytes (it always
+/// returns at least one row), so reading ahead holds little memory with large payloads.
+const FETCH_MAX_BYTES: usize = 1 << 20;
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -302,7 +308,8 @@ impl StoreHandle {
     }
 
     /// Up to `limit` committed rows with `seq > after`, oldest first, skipping rows whose ack is
-    /// buffered but not yet committed.
+    /// buffered but not yet committed; fewer once about 1 MiB is gathered. Empty only when no
+    /// such row exists.
     pub async fn fetch(&self, after: i64, limit: usize) -> Result<Vec<Row>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -527,15 +534,19 @@ impl Worker {
     }
 
     fn fetch(&self, after: i64, limit: usize) -> Result<Vec<Row>, String> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // No LIMIT: rows are stepped lazily and the loop stops when it has enough, however many
+        // rows with buffered acks it skips on the way.
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT seq, topic, payload, enqueued_ms FROM messages WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                "SELECT seq, topic, payload, enqueued_ms FROM messages WHERE seq > ?1 ORDER BY seq",
             )
             .map_err(|e| e.to_string())?;
-        let want = limit + self.pending_acks.len().min(limit * 4);
         let rows = st
-            .query_map(params![after, want as i64], |r| {
+            .query_map(params![after], |r| {
                 Ok(Row {
                     seq: r.get(0)?,
                     topic: r.get(1)?,
@@ -545,13 +556,15 @@ impl Worker {
             })
             .map_err(|e| e.to_string())?;
         let mut out = Vec::with_capacity(limit.min(1024));
+        let mut bytes = 0;
         for row in rows {
             let row = row.map_err(|e| e.to_string())?;
             if self.pending_acks.contains(&row.seq) {
                 continue;
             }
+            bytes += row.payload.len() + row.topic.len();
             out.push(row);
-            if out.len() == limit {
+            if out.len() == limit || bytes >= FETCH_MAX_BYTES {
                 break;
             }
         }

@@ -43,6 +43,23 @@ pub enum ServiceError {
     },
 }
 
+impl ServiceError {
+    /// The process exit status for this failure: [`crate::cli::EXIT_CONFIG`] when only the
+    /// operator can fix it (the store file is not a usable edgeferry store), otherwise
+    /// [`crate::cli::EXIT_FAILURE`].
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ServiceError::Store(
+                StoreError::NotADatabase { .. }
+                | StoreError::Foreign { .. }
+                | StoreError::TooNew { .. }
+                | StoreError::Corrupt { .. },
+            ) => crate::cli::EXIT_CONFIG,
+            _ => crate::cli::EXIT_FAILURE,
+        }
+    }
+}
+
 /// Run until `shutdown` resolves, then stop cleanly.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
     let metrics = Arc::new(Metrics::default());

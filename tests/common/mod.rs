@@ -253,6 +253,8 @@ pub struct DaemonConfig {
     pub upstream_port: u16,
     pub routes: String,
     pub extra: String,
+    /// Extra keys for the `[local]` table.
+    pub local_extra: String,
     pub inflight: u16,
     /// Extra environment for the daemon process (e.g. NOTIFY_SOCKET).
     pub env: Vec<(String, String)>,
@@ -265,6 +267,7 @@ impl DaemonConfig {
             upstream_port,
             routes: "[[route]]\nfrom = \"devices/#\"\nto = \"up/{topic}\"\n".into(),
             extra: String::new(),
+            local_extra: String::new(),
             inflight: 32,
             env: Vec::new(),
         }
@@ -290,11 +293,12 @@ impl Daemon {
         let config_path = dir.join("edgeferry.toml");
         let text = format!(
             "[gateway]\nid = \"gw-test\"\n\
-             [local]\nlisten = \"127.0.0.1:{local}\"\nlisten_v5 = \"127.0.0.1:{local_v5}\"\n\
+             [local]\nlisten = \"127.0.0.1:{local}\"\nlisten_v5 = \"127.0.0.1:{local_v5}\"\n{}\n\
              [store]\npath = \"{}\"\n\
              [upstream]\naddress = \"127.0.0.1:{}\"\nprotocol = \"{}\"\nclient_id = \"gw-test-{}\"\ninflight = {}\nbackoff_initial = \"50ms\"\nbackoff_max = \"300ms\"\nkeepalive = \"5s\"\nconnect_timeout = \"2s\"\n\
              [telemetry]\nmetrics_listen = \"127.0.0.1:{metrics}\"\nlog_level = \"debug\"\n\
              [shutdown]\ngrace = \"2s\"\n{}\n{}",
+            cfg.local_extra,
             dir.join("queue.db").display(),
             cfg.upstream_port,
             cfg.protocol,

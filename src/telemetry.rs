@@ -124,9 +124,15 @@ pub struct Metrics {
     pub ingest_duplicates: Counter,
     /// Messages on a dedup route that carried no usable key (queued without dedup).
     pub ingest_dedup_key_missing: Counter,
-    /// Times the local broker skipped part of its log because ingest fell behind (data loss
-    /// before commit: raise local.buffer).
+    /// Messages the local broker evicted from its log before ingest read them (acknowledged to
+    /// devices, never committed), counted exactly from gaps in the log offsets.
     pub local_dropped: Counter,
+    /// Times reading from local devices was paused because the store fell behind.
+    pub local_paused: Counter,
+    /// Milliseconds reading from local devices was paused, in all.
+    pub local_paused_ms: Counter,
+    /// 1 while reading from local devices is paused.
+    pub local_paused_now: Gauge,
     /// Queue rows deleted after the upstream's PUBACK.
     pub acked: Counter,
     /// Publishes handed to the upstream connection (resends included).
@@ -171,7 +177,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &Counter, &str); 19] = [
+        let counters: [(&str, &Counter, &str); 21] = [
             (
                 "ingested_total",
                 &self.ingested,
@@ -195,7 +201,17 @@ impl Metrics {
             (
                 "local_dropped_total",
                 &self.local_dropped,
-                "Times the local broker skipped log data because ingest fell behind",
+                "Messages acknowledged to local devices that the broker evicted before ingest read them",
+            ),
+            (
+                "local_paused_total",
+                &self.local_paused,
+                "Times reading from local devices paused because the store fell behind (back-pressure)",
+            ),
+            (
+                "local_paused_milliseconds_total",
+                &self.local_paused_ms,
+                "Time reading from local devices was paused, in all",
             ),
             (
                 "acked_total",
@@ -283,7 +299,12 @@ impl Metrics {
                 c.get()
             );
         }
-        let gauges: [(&str, &Gauge, &str); 3] = [
+        let gauges: [(&str, &Gauge, &str); 4] = [
+            (
+                "local_paused",
+                &self.local_paused_now,
+                "1 while reading from local devices is paused (back-pressure)",
+            ),
             (
                 "upstream_connected",
                 &self.upstream_connected,

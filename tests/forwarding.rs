@@ -305,16 +305,17 @@ async fn sigterm_exits_0_and_keeps_the_backlog_for_the_next_start() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
-/// The store stalls (another process holds its write lock) while devices keep publishing, for
-/// longer than the local broker's log covers. The broker evicts what ingest had not read; each
-/// such message must be counted, exactly: every message the device had acknowledged is either
-/// committed or counted in edgeferry_local_dropped_total. The log says so, not once per message.
+/// With back-pressure off, the store stalls (another process holds its write lock) while devices
+/// keep publishing, for longer than the local broker's log covers. The broker evicts what ingest
+/// had not read; each such message must be counted, exactly: every message the device had
+/// acknowledged is either committed or counted in edgeferry_local_dropped_total. The log says so,
+/// not once per message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn evictions_during_a_store_stall_are_counted_exactly() {
+async fn without_backpressure_evictions_during_a_store_stall_are_counted_exactly() {
     let dir = tempfile::tempdir().unwrap();
     // No upstream: everything committed stays in the queue, where the test can read it.
     let mut cfg = DaemonConfig::new("v5", free_port());
-    cfg.local_extra = "max_payload = \"1KiB\"\nbuffer = \"64KiB\"\n".into();
+    cfg.local_extra = "max_payload = \"1KiB\"\nbuffer = \"64KiB\"\nbackpressure = false\n".into();
     let d = Daemon::start(dir.path(), &cfg);
     let started = std::time::Instant::now();
 
@@ -334,7 +335,6 @@ async fn evictions_during_a_store_stall_are_counted_exactly() {
         );
         (c + l >= n).then_some((c, l))
     });
-    eprintln!("committed {committed}, dropped {dropped}");
     assert!(
         dropped > 0,
         "the stall must outlast the 64KiB log for this test to mean anything"
@@ -364,4 +364,52 @@ async fn evictions_during_a_store_stall_are_counted_exactly() {
         "{lines} eviction lines in {:?}",
         started.elapsed()
     );
+}
+
+/// The same stall with back-pressure on (the default): reading from devices pauses while the
+/// store is behind, the device waits for its PUBACKs, and once the store is back every message is
+/// acknowledged and committed: nothing evicted, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_store_holds_devices_back_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = DaemonConfig::new("v5", free_port());
+    cfg.local_extra = "max_payload = \"1KiB\"\nbuffer = \"64KiB\"\n".into();
+    let d = Daemon::start(dir.path(), &cfg);
+
+    let lock = rusqlite::Connection::open(d.db_path()).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let all = payloads("dev", 20_000);
+    let device = tokio::spawn(publish_all(d.local, "dev", "devices/dev/t", all.clone()));
+    let metrics = d.metrics;
+    wait_for_async("reading from devices to pause", WAIT, || {
+        (scrape(metrics)?["edgeferry_local_paused"] == 1).then_some(())
+    })
+    .await;
+    assert!(
+        !device.is_finished(),
+        "the device must still be waiting for PUBACKs"
+    );
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    device.await.unwrap(); // every PUBACK arrived
+
+    let n = all.len() as u64;
+    wait_for_async("every message committed", WAIT, || {
+        (scrape(metrics)?["edgeferry_committed_total"] >= n).then_some(())
+    })
+    .await;
+    let m = scrape(metrics).unwrap();
+    assert_eq!(m["edgeferry_local_dropped_total"], 0);
+    assert_eq!(m["edgeferry_committed_total"], n);
+    assert!(m["edgeferry_local_paused_total"] >= 1);
+    assert_eq!(m["edgeferry_local_paused"], 0, "reading resumed");
+    let mut queued = queued_payloads(&d.db_path());
+    queued.sort();
+    assert_eq!(
+        queued, all,
+        "every acknowledged message is in the queue, once"
+    );
+    assert!(d
+        .log_text()
+        .contains("reading from local devices is paused"));
 }

@@ -573,6 +573,9 @@ fn run(args: Args) -> Result<()> {
         .binary
         .clone()
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_edgeferry")));
+    // The daemon is started from its temp dir, so a relative --binary must be made absolute.
+    let binary =
+        std::fs::canonicalize(&binary).with_context(|| format!("--binary {}", binary.display()))?;
     let kinds: Vec<Kind> = match args.system {
         SystemArg::Edgeferry => vec![Kind::Edgeferry],
         SystemArg::Mosquitto => vec![Kind::Mosquitto],

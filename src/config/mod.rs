@@ -87,8 +87,11 @@ pub struct Local {
     pub max_connections: usize,
     /// In-memory log the broker keeps per route between a device's PUBACK and edgeferry's commit.
     /// If ingest falls this far behind, the broker drops the oldest part (counted as
-    /// `edgeferry_local_dropped_total`). Default 8MiB.
+    /// `edgeferry_local_dropped_total`). Default 2MiB.
     pub buffer: ByteSize,
+    /// Hold devices back (stop reading their connections) while the store is behind, instead of
+    /// letting the broker's log overflow. Default true.
+    pub backpressure: bool,
 }
 
 impl Default for Local {
@@ -98,7 +101,8 @@ impl Default for Local {
             listen_v5: None,
             max_payload: ByteSize(256 << 10),
             max_connections: 1000,
-            buffer: ByteSize(8 << 20),
+            buffer: ByteSize(2 << 20),
+            backpressure: true,
         }
     }
 }
@@ -435,10 +439,23 @@ impl Config {
                 "must be between 1 and 65535".into(),
             ));
         }
-        if up.keepalive.0 < Duration::from_secs(1) || up.keepalive.0 > Duration::from_secs(65535) {
+        // MQTT 5 (rumqttc) needs at least 5s; MQTT 3.1.1 at least 1s.
+        let min_keepalive = match up.protocol {
+            Protocol::V5 => 5,
+            _ => 1,
+        };
+        if up.keepalive.0 < Duration::from_secs(min_keepalive)
+            || up.keepalive.0 > Duration::from_secs(65535)
+        {
             return Err(bad(
                 "upstream.keepalive",
-                "must be between 1s and 65535s".into(),
+                format!(
+                    "must be between {min_keepalive}s and 65535s with protocol \"{}\"",
+                    match up.protocol {
+                        Protocol::V5 => "v5",
+                        Protocol::V311 => "v3.1.1",
+                    }
+                ),
             ));
         }
         if up.backoff_initial.0.is_zero() || up.backoff_initial.0 > up.backoff_max.0 {
@@ -658,6 +675,8 @@ from = "devices/#"
             ),
             (upstream_plus("protocol = \"v4\""), "upstream.protocol"),
             (upstream_plus("keepalive = \"30\""), "upstream.keepalive"),
+            // rumqttc's MQTT 5 client refuses (panics on) keepalives under 5s.
+            (upstream_plus("keepalive = \"4s\""), "upstream.keepalive"),
             (upstream_plus("inflight = 0"), "upstream.inflight"),
             (upstream_plus("inflight = 70000"), "upstream.inflight"),
             (upstream_plus("password = \"x\""), "upstream.username"),

@@ -23,6 +23,8 @@ use crate::queue::{NewMessage, StoreHandle};
 use crate::service::systemd::{answer, ProbeRx};
 use crate::telemetry::Metrics;
 
+use super::gate::{self, Gate};
+
 /// Why the local broker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -38,10 +40,13 @@ pub enum IngestError {
     Broker(String),
 }
 
-/// The running local side: the broker's thread and one link per route.
+/// The running local side: the broker's thread, one link per route, and with back-pressure the
+/// device-facing listeners with the internal broker address each relays to.
 pub struct LocalBroker {
     broker: Broker,
     links: Vec<(RouteSpec, LinkTx, LinkRx)>,
+    fronts: Vec<(&'static str, std::net::TcpListener, SocketAddr)>,
+    ready_addr: SocketAddr,
 }
 
 /// Segments per route log. Fewer, larger segments waste less per segment; more, smaller ones
@@ -54,16 +59,34 @@ impl LocalBroker {
         self.links.len()
     }
 
-    /// Check the listen addresses, configure rumqttd and subscribe one link per route. The
-    /// listeners start accepting in [`LocalBroker::start`].
+    /// Bind or check the listen addresses, configure rumqttd and subscribe one link per route.
+    /// Devices are served from [`LocalBroker::run`].
     pub fn new(config: &Config) -> Result<LocalBroker, IngestError> {
-        // rumqttd binds on its own thread and only logs a failure there; binding here first
-        // turns "address in use" into a clear start-up error.
-        probe_listen("local.listen", config.local.listen)?;
+        let mut listens = vec![("local.listen", config.local.listen)];
         if let Some(v5) = config.local.listen_v5 {
-            probe_listen("local.listen_v5", v5)?;
+            listens.push(("local.listen_v5", v5));
         }
-        let broker_config = broker_config(config)?;
+        let mut fronts = Vec::new();
+        let mut broker_addrs = Vec::new();
+        for (key, addr) in listens {
+            if config.local.backpressure {
+                // Devices connect to our listener; rumqttd listens on a free loopback port.
+                let listener = std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .map_err(|source| IngestError::Listen { key, addr, source })?;
+                let internal = free_loopback_port()
+                    .map_err(|e| IngestError::Broker(format!("no internal port: {e}")))?;
+                fronts.push((key, listener, internal));
+                broker_addrs.push(internal);
+            } else {
+                // rumqttd binds on its own thread and only logs a failure there; binding here
+                // first turns "address in use" into a clear start-up error.
+                probe_listen(key, addr)?;
+                broker_addrs.push(addr);
+            }
+        }
+        let ready_addr = loopback(broker_addrs[0]);
+        let broker_config = broker_config(config, broker_addrs[0], broker_addrs.get(1).copied())?;
         let broker = Broker::new(broker_config);
         let mut links = Vec::new();
         for (i, spec) in config.route_specs().into_iter().enumerate() {
@@ -75,7 +98,17 @@ impl LocalBroker {
             })?;
             links.push((spec, tx, rx));
         }
-        Ok(LocalBroker { broker, links })
+        Ok(LocalBroker {
+            broker,
+            links,
+            fronts,
+            ready_addr,
+        })
+    }
+
+    /// Where to check that the broker itself accepts connections.
+    pub fn ready_addr(&self) -> SocketAddr {
+        self.ready_addr
     }
 
     /// Start the listeners (on rumqttd's own threads) and the ingest tasks. Returns when
@@ -88,7 +121,12 @@ impl LocalBroker {
         probes: Vec<ProbeRx>,
         shutdown: CancellationToken,
     ) -> Result<(), IngestError> {
-        let LocalBroker { mut broker, links } = self;
+        let LocalBroker {
+            mut broker,
+            links,
+            fronts,
+            ..
+        } = self;
         let alerts = broker
             .alerts()
             .map_err(|e| IngestError::Broker(e.to_string()))?;
@@ -116,6 +154,26 @@ impl LocalBroker {
             }
         });
 
+        let gate = (!fronts.is_empty()).then(|| Gate::new(store.clone(), metrics.clone()));
+        let mut relays = Vec::new();
+        for (key, listener, internal) in fronts {
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .map_err(|e| IngestError::Broker(format!("{key}: {e}")))?;
+            relays.push(tokio::spawn(gate::relay(
+                key,
+                listener,
+                internal,
+                gate.clone().expect("gate exists with fronts"),
+                shutdown.clone(),
+            )));
+        }
+        if let Some(gate) = gate.clone() {
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                gate.halt();
+            });
+        }
         let mut tasks = Vec::new();
         for ((spec, tx, rx), probes) in links.into_iter().zip(probes) {
             tasks.push(tokio::spawn(read_link(
@@ -124,17 +182,39 @@ impl LocalBroker {
                 rx,
                 probes,
                 gateway.clone(),
-                store.clone(),
+                Sink {
+                    store: store.clone(),
+                    gate: gate.clone(),
+                },
                 metrics.clone(),
                 shutdown.clone(),
             )));
         }
-        for t in tasks {
+        for t in tasks.into_iter().chain(relays) {
             let _ = t.await;
         }
         alert_task.abort();
         Ok(())
     }
+}
+
+/// Where ingest puts messages: the store, and the gate that watches it.
+#[derive(Clone)]
+struct Sink {
+    store: StoreHandle,
+    gate: Option<Gate>,
+}
+
+/// A loopback port free right now, for rumqttd's internal listener.
+fn free_loopback_port() -> std::io::Result<SocketAddr> {
+    TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+fn loopback(mut addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    addr
 }
 
 fn probe_listen(key: &'static str, addr: SocketAddr) -> Result<(), IngestError> {
@@ -146,7 +226,11 @@ fn probe_listen(key: &'static str, addr: SocketAddr) -> Result<(), IngestError> 
 /// rumqttd's configuration, written as its own TOML (several of its fields are private and
 /// settable only through deserialisation). Alerts (cursor jumps) are pushed every 5 s; rumqttd's
 /// timer unwraps both intervals, so meters must be configured too (daily, unused).
-fn broker_config(config: &Config) -> Result<rumqttd::Config, IngestError> {
+fn broker_config(
+    config: &Config,
+    listen: SocketAddr,
+    listen_v5: Option<SocketAddr>,
+) -> Result<rumqttd::Config, IngestError> {
     let l = &config.local;
     let segment = (l.buffer.0 / SEGMENTS).max(l.max_payload.0 + 1024);
     let connections = format!(
@@ -160,9 +244,9 @@ fn broker_config(config: &Config) -> Result<rumqttd::Config, IngestError> {
          [v4.1]\nname = \"local-v4\"\nlisten = \"{}\"\nnext_connection_delay_ms = 0\n[v4.1.connections]\n{connections}",
         // Our own links count against the router's connection limit.
         l.max_connections + config.routes.len() + 8,
-        l.listen,
+        listen,
     );
-    if let Some(v5) = l.listen_v5 {
+    if let Some(v5) = listen_v5 {
         text += &format!(
             "[v5.1]\nname = \"local-v5\"\nlisten = \"{v5}\"\nnext_connection_delay_ms = 0\n[v5.1.connections]\n{connections}"
         );
@@ -178,7 +262,7 @@ async fn read_link(
     mut rx: LinkRx,
     mut probes: ProbeRx,
     gateway: String,
-    store: StoreHandle,
+    sink: Sink,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -199,7 +283,7 @@ async fn read_link(
             &spec,
             &gateway,
             &mut rx,
-            &store,
+            &sink,
             &metrics,
             &mut gaps,
         )
@@ -214,7 +298,7 @@ async fn read_link(
     while Instant::now() < deadline {
         match tokio::time::timeout(Duration::from_millis(50), rx.next()).await {
             Ok(n @ Ok(Some(_))) => {
-                if !handle(n, &spec, &gateway, &mut rx, &store, &metrics, &mut gaps).await {
+                if !handle(n, &spec, &gateway, &mut rx, &sink, &metrics, &mut gaps).await {
                     return;
                 }
             }
@@ -281,7 +365,7 @@ async fn handle(
     spec: &RouteSpec,
     gateway: &str,
     rx: &mut LinkRx,
-    store: &StoreHandle,
+    sink: &Sink,
     metrics: &Metrics,
     gaps: &mut Gaps,
 ) -> bool {
@@ -291,7 +375,7 @@ async fn handle(
             if let Some((_, offset)) = fwd.cursor {
                 gaps.saw(offset, metrics);
             }
-            queue_one(spec, gateway, fwd.publish, fwd.properties, store, metrics).await
+            queue_one(spec, gateway, fwd.publish, fwd.properties, sink, metrics).await
         }
         Ok(Some(Notification::Unschedule)) => {
             // The router paused this link because its buffer filled; we have drained it.
@@ -319,7 +403,7 @@ async fn queue_one(
     gateway: &str,
     publish: rumqttd::protocol::Publish,
     properties: Option<rumqttd::protocol::PublishProperties>,
-    store: &StoreHandle,
+    sink: &Sink,
     metrics: &Metrics,
 ) -> bool {
     let received = Instant::now();
@@ -348,7 +432,8 @@ async fn queue_one(
     } else {
         spec.template.render(topic, gateway)
     };
-    store
+    let queued = sink
+        .store
         .enqueue(NewMessage {
             topic: upstream_topic,
             payload: publish.payload,
@@ -357,5 +442,9 @@ async fn queue_one(
             done: None,
         })
         .await
-        .is_ok()
+        .is_ok();
+    if let Some(gate) = &sink.gate {
+        gate.check();
+    }
+    queued
 }

@@ -349,6 +349,16 @@ impl StoreHandle {
         rx.await.map_err(|_| StoreError::Closed)
     }
 
+    /// Commands waiting for the store thread, and the most that can wait (ingest back-pressure).
+    pub fn backlog(&self) -> (usize, usize) {
+        (self.tx.len(), CHANNEL_CAPACITY)
+    }
+
+    /// The store thread has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_disconnected()
+    }
+
     /// Watch the highest committed seq (changes after every commit that inserted rows).
     pub fn committed(&self) -> watch::Receiver<i64> {
         self.committed.clone()

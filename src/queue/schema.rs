@@ -53,6 +53,73 @@ pub fn classify(path: &Path, e: rusqlite::Error) -> StoreError {
     }
 }
 
+/// Check an existing, non-empty file before anything opens it for writing: closing a
+/// read-write connection checkpoints a WAL into the main file and deletes the WAL, so a file
+/// that is going to be refused must only ever be opened read-only.
+///
+/// A file whose size is not a whole number of pages was truncated (SQLite would read the
+/// missing tail as zeros and serve rows with garbage in them), and is refused as corrupt.
+fn inspect(path: &Path) -> Result<(), StoreError> {
+    use std::io::Read;
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Ok(()); // absent: created below (or the read-write open reports why not)
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if len == 0 {
+        return Ok(());
+    }
+    let mut header = [0u8; 100];
+    if file.read_exact(&mut header).is_ok() && header.starts_with(b"SQLite format 3\0") {
+        let page = match u16::from_be_bytes([header[16], header[17]]) {
+            1 => 65536,
+            n => u64::from(n),
+        };
+        if page >= 512 && len % page != 0 {
+            return Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "file size {len} is not a whole number of {page}-byte pages: it was truncated"
+                ),
+            });
+        }
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| classify(path, e))?;
+    let c = |e| classify(path, e);
+    let app_id: i64 = conn
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(c)?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(c)?;
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+        .map_err(c)?;
+    identity(path, app_id, version, tables).map(drop)
+}
+
+/// Refuse a foreign or newer store; true when the file is empty and new.
+fn identity(path: &Path, app_id: i64, version: i64, tables: i64) -> Result<bool, StoreError> {
+    let fresh = app_id == 0 && version == 0 && tables == 0;
+    if !fresh && app_id != APPLICATION_ID {
+        return Err(StoreError::Foreign {
+            path: path.to_path_buf(),
+            app_id,
+        });
+    }
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            known: SCHEMA_VERSION,
+        });
+    }
+    Ok(fresh)
+}
+
 /// Open or create the store at `path`, refusing anything that is not ours.
 pub fn open(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -63,6 +130,7 @@ pub fn open(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
             });
         }
     }
+    inspect(path)?;
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -83,20 +151,8 @@ pub fn open(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
     let tables: i64 = conn
         .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
         .map_err(c)?;
-    let fresh = app_id == 0 && version == 0 && tables == 0;
-    if !fresh && app_id != APPLICATION_ID {
-        return Err(StoreError::Foreign {
-            path: path.to_path_buf(),
-            app_id,
-        });
-    }
-    if version > SCHEMA_VERSION {
-        return Err(StoreError::TooNew {
-            path: path.to_path_buf(),
-            found: version,
-            known: SCHEMA_VERSION,
-        });
-    }
+    // Checked again on this connection: the file may have been created or replaced meanwhile.
+    let fresh = identity(path, app_id, version, tables)?;
 
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))

@@ -98,6 +98,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         probes.push(p);
         link_probes.push(rx);
     }
+    let ready_addr = local.ready_addr();
     let ingest = tokio::spawn(local.run(
         config.gateway.id.clone(),
         store.handle(),
@@ -152,7 +153,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "edgeferry running"
     );
 
-    wait_accepting(config.local.listen).await?;
+    wait_accepting(config.local.listen, ready_addr).await?;
     systemd::ready(&systemd::summary(&metrics));
     let watchdog_stop = CancellationToken::new();
     let watchdog = tokio::spawn(systemd::watchdog(
@@ -202,12 +203,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
-/// Wait until the local broker accepts connections (rumqttd binds on its own thread).
-async fn wait_accepting(listen: std::net::SocketAddr) -> Result<(), ServiceError> {
-    let mut addr = listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
+/// Wait until the local broker accepts connections at `addr` (rumqttd binds on its own thread;
+/// with back-pressure `addr` is its internal port behind `listen`).
+async fn wait_accepting(
+    listen: std::net::SocketAddr,
+    addr: std::net::SocketAddr,
+) -> Result<(), ServiceError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {

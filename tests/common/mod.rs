@@ -3,6 +3,8 @@
 //! publishers and an upstream collector. Every wait is bounded; every process is stopped by PID.
 #![allow(dead_code)]
 
+pub mod device;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -170,6 +172,10 @@ pub fn wait_until_listening(port: u16) {
 pub struct LinkProxy {
     pub port: u16,
     up: Arc<AtomicBool>,
+    /// Half-open link: connections stay open (and new ones are accepted) but no byte is relayed.
+    stalled: Arc<AtomicBool>,
+    /// Connections accepted and relayed so far (a client that noticed a dead link reconnects).
+    pub accepted: Arc<std::sync::atomic::AtomicU64>,
     generation: Arc<std::sync::atomic::AtomicU64>,
     stop: Arc<AtomicBool>,
 }
@@ -179,7 +185,10 @@ impl LinkProxy {
         let up = Arc::new(AtomicBool::new(initially_up));
         let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let stalled = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (u, g, st) = (up.clone(), generation.clone(), stop.clone());
+        let (sl, acc) = (stalled.clone(), accepted.clone());
         let (port_tx, port_rx) = std::sync::mpsc::channel();
         // Its own thread and runtime, so it works from sync and async tests alike.
         std::thread::spawn(move || {
@@ -200,15 +209,23 @@ impl LinkProxy {
                         let _ = inbound.shutdown().await;
                         continue;
                     }
+                    acc.fetch_add(1, Ordering::SeqCst);
                     let my_gen = g.load(Ordering::SeqCst);
-                    let (u, g, st) = (u.clone(), g.clone(), st.clone());
+                    let (u, g, st, sl) = (u.clone(), g.clone(), st.clone(), sl.clone());
                     tokio::spawn(async move {
-                        let Ok(mut outbound) =
+                        let Ok(outbound) =
                             tokio::net::TcpStream::connect(("127.0.0.1", target)).await
                         else {
                             return;
                         };
-                        let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+                        let (ir, iw) = inbound.into_split();
+                        let (or, ow) = outbound.into_split();
+                        let copy = async {
+                            tokio::select! {
+                                _ = relay(ir, ow, sl.clone()) => {},
+                                _ = relay(or, iw, sl.clone()) => {},
+                            }
+                        };
                         let cut = async {
                             loop {
                                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -229,6 +246,8 @@ impl LinkProxy {
         LinkProxy {
             port,
             up,
+            stalled,
+            accepted,
             generation,
             stop,
         }
@@ -237,6 +256,42 @@ impl LinkProxy {
     pub fn set_up(&self, up: bool) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.up.store(up, Ordering::SeqCst);
+    }
+
+    /// Stall (true) or resume (false) relaying, keeping every connection open: a half-open link
+    /// (a NAT or a cellular modem that silently dropped its state).
+    pub fn set_stalled(&self, stalled: bool) {
+        self.stalled.store(stalled, Ordering::SeqCst);
+    }
+}
+
+/// Copy one direction; while stalled, bytes are neither read nor written (they pile up in the
+/// kernel buffers, as on a link that went silent). Ends on EOF or error.
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stalled: Arc<AtomicBool>,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        while stalled.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let read = from.read(&mut buf).await;
+        // A read that completed as the stall began is held until it ends, an end of stream
+        // too: on a silent link the other side's FIN (e.g. the broker giving up on its own
+        // keepalive) never arrives either.
+        while stalled.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let n = match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -253,11 +308,16 @@ pub struct DaemonConfig {
     pub upstream_port: u16,
     pub routes: String,
     pub extra: String,
-    /// Extra keys for the `[local]` table.
-    pub local_extra: String,
     pub inflight: u16,
     /// Extra environment for the daemon process (e.g. NOTIFY_SOCKET).
     pub env: Vec<(String, String)>,
+    /// `[upstream] keepalive`.
+    pub keepalive: String,
+    /// Where the store lives, if not `queue.db` in the daemon's directory (e.g. a small tmpfs).
+    pub store_path: Option<PathBuf>,
+    /// Extra lines for the `[store]` and `[local]` tables.
+    pub store_extra: String,
+    pub local_extra: String,
 }
 
 impl DaemonConfig {
@@ -267,9 +327,12 @@ impl DaemonConfig {
             upstream_port,
             routes: "[[route]]\nfrom = \"devices/#\"\nto = \"up/{topic}\"\n".into(),
             extra: String::new(),
-            local_extra: String::new(),
             inflight: 32,
             env: Vec::new(),
+            keepalive: "5s".into(),
+            store_path: None,
+            store_extra: String::new(),
+            local_extra: String::new(),
         }
     }
 }
@@ -284,6 +347,7 @@ pub struct Daemon {
     log: PathBuf,
     starts: u32,
     env: Vec<(String, String)>,
+    store: PathBuf,
 }
 
 impl Daemon {
@@ -291,19 +355,25 @@ impl Daemon {
     pub fn start(dir: &Path, cfg: &DaemonConfig) -> Daemon {
         let (local, local_v5, metrics) = (free_port(), free_port(), free_port());
         let config_path = dir.join("edgeferry.toml");
+        let store = cfg
+            .store_path
+            .clone()
+            .unwrap_or_else(|| dir.join("queue.db"));
         let text = format!(
             "[gateway]\nid = \"gw-test\"\n\
              [local]\nlisten = \"127.0.0.1:{local}\"\nlisten_v5 = \"127.0.0.1:{local_v5}\"\n{}\n\
-             [store]\npath = \"{}\"\n\
-             [upstream]\naddress = \"127.0.0.1:{}\"\nprotocol = \"{}\"\nclient_id = \"gw-test-{}\"\ninflight = {}\nbackoff_initial = \"50ms\"\nbackoff_max = \"300ms\"\nkeepalive = \"5s\"\nconnect_timeout = \"2s\"\n\
+             [store]\npath = \"{}\"\n{}\n\
+             [upstream]\naddress = \"127.0.0.1:{}\"\nprotocol = \"{}\"\nclient_id = \"gw-test-{}\"\ninflight = {}\nbackoff_initial = \"50ms\"\nbackoff_max = \"300ms\"\nkeepalive = \"{}\"\nconnect_timeout = \"2s\"\n\
              [telemetry]\nmetrics_listen = \"127.0.0.1:{metrics}\"\nlog_level = \"debug\"\n\
              [shutdown]\ngrace = \"2s\"\n{}\n{}",
             cfg.local_extra,
-            dir.join("queue.db").display(),
+            store.display(),
+            cfg.store_extra,
             cfg.upstream_port,
             cfg.protocol,
             std::process::id(),
             cfg.inflight,
+            cfg.keepalive,
             cfg.routes,
             cfg.extra,
         );
@@ -318,6 +388,7 @@ impl Daemon {
             log: dir.join("daemon.log"),
             starts: 0,
             env: cfg.env.clone(),
+            store,
         };
         d.spawn();
         d
@@ -416,7 +487,14 @@ impl Daemon {
     }
 
     pub fn db_path(&self) -> PathBuf {
-        self.dir.join("queue.db")
+        self.store.clone()
+    }
+
+    /// `Some(status)` once the daemon process has exited (it is reaped then).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 }
 

@@ -5,8 +5,9 @@
 //! Data flows top to bottom:
 //!
 //! - [`config`]: the TOML file, its defaults and validation (checked before anything starts).
-//! - [`ingest`]: sources. [`ingest::mqtt`] runs the embedded rumqttd broker and reads one local
-//!   link per route.
+//! - [`ingest`]: sources. [`ingest::gate`] relays device connections and holds devices back
+//!   while the store is behind; [`ingest::mqtt`] runs the embedded rumqttd broker and reads one
+//!   local link per route; [`ingest::serial`] reads framed serial ports.
 //! - [`codec`]: serial framings (lines, COBS, SLIP, length+CRC, CBOR): pure, fuzzed decoders.
 //! - [`route`]: topic filters and upstream topic templates (pure).
 //! - [`dedup`]: ingest dedup keys (pure); the window itself is a table in the queue.

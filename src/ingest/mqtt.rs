@@ -4,9 +4,10 @@
 //! rumqttd acknowledges a device's QoS 1 publish once it is in its in-memory log, before
 //! edgeferry commits it: that is the documented loss window (README, "Delivery contract"). Each
 //! route has its own link subscribed to its filter, so a message matching two routes is queued
-//! once per route, and every link reads as fast as the store accepts. The broker keeps
-//! `local.buffer` bytes of log per route; if ingest falls further behind than that (the store
-//! stalled), the broker skips ahead and the skip is counted as `edgeferry_local_dropped_total`.
+//! once per route, and every link reads as fast as the store accepts; with back-pressure
+//! ([`super::gate`]) devices are held back while the store is behind. The broker keeps
+//! `local.buffer` bytes of log per route; if ingest still falls further behind than that, the
+//! broker skips ahead and every message skipped is counted (`edgeferry_local_dropped_total`).
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{oneshot, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::SyncMode;
 use crate::telemetry::Metrics;
@@ -153,6 +153,9 @@ enum Cmd {
     /// Test hook: stop at once, discarding the buffer, as kill -9 would.
     #[cfg(test)]
     Crash,
+    /// Test hook: run maintenance now, then reply.
+    #[cfg(test)]
+    Maintain(oneshot::Sender<()>),
 }
 
 /// Cheap, cloneable access to the store thread.
@@ -430,6 +433,12 @@ impl Worker {
                 match cmd {
                     #[cfg(test)]
                     Cmd::Crash => return,
+                    #[cfg(test)]
+                    Cmd::Maintain(reply) => {
+                        self.commit();
+                        self.maintenance();
+                        let _ = reply.send(());
+                    }
                     Cmd::Flush(reply) => {
                         self.commit();
                         let _ = reply.send(());
@@ -519,7 +528,7 @@ impl Worker {
                 let _ = reply.send(());
             }
             #[cfg(test)]
-            Cmd::Crash => {}
+            Cmd::Crash | Cmd::Maintain(_) => {}
         }
     }
 
@@ -707,35 +716,78 @@ impl Worker {
     /// scan, is taken only when the estimate says the limit may be exceeded.
     fn maintenance(&mut self) {
         self.last_maintenance = Instant::now();
-        if self.dedup_keys == 0 {
-            return;
+        if let Err(e) = self.prune_dedup() {
+            warn!(error = %e, "store: dedup pruning failed; will retry");
         }
-        let horizon = now_ms() - self.options.dedup_window.as_millis() as i64;
-        let result = (|| -> rusqlite::Result<()> {
-            let aged = self
-                .conn
-                .execute("DELETE FROM dedup WHERE seen_ms < ?1", [horizon])?;
-            self.dedup_keys = self.dedup_keys.saturating_sub(aged as u64);
-            if self.dedup_keys > self.options.dedup_max_keys {
-                let n: i64 = self
-                    .conn
-                    .query_row("SELECT count(*) FROM dedup", [], |r| r.get(0))?;
-                let excess = n - self.options.dedup_max_keys as i64;
-                if excess > 0 {
-                    self.conn.execute(
-                        "DELETE FROM dedup WHERE key IN (SELECT key FROM dedup ORDER BY seen_ms LIMIT ?1)",
-                        [excess],
-                    )?;
-                }
-                self.dedup_keys = n.min(self.options.dedup_max_keys as i64).max(0) as u64;
-            }
-            Ok(())
-        })();
-        if let Err(e) = result {
-            warn!(error = %e, "store: maintenance failed; will retry");
+        if let Err(e) = self.reclaim() {
+            warn!(error = %e, "store: reclaiming free space failed; will retry");
         }
     }
+
+    fn prune_dedup(&mut self) -> rusqlite::Result<()> {
+        if self.dedup_keys == 0 {
+            return Ok(());
+        }
+        let horizon = now_ms() - self.options.dedup_window.as_millis() as i64;
+        let aged = self
+            .conn
+            .execute("DELETE FROM dedup WHERE seen_ms < ?1", [horizon])?;
+        self.dedup_keys = self.dedup_keys.saturating_sub(aged as u64);
+        if self.dedup_keys > self.options.dedup_max_keys {
+            let n: i64 = self
+                .conn
+                .query_row("SELECT count(*) FROM dedup", [], |r| r.get(0))?;
+            let excess = n - self.options.dedup_max_keys as i64;
+            if excess > 0 {
+                self.conn.execute(
+                    "DELETE FROM dedup WHERE key IN (SELECT key FROM dedup ORDER BY seen_ms LIMIT ?1)",
+                    [excess],
+                )?;
+            }
+            self.dedup_keys = n.min(self.options.dedup_max_keys as i64).max(0) as u64;
+        }
+        Ok(())
+    }
+
+    /// Give free pages back to the filesystem after a backlog drained, so one long outage does
+    /// not leave the file at its peak size for ever. Only when at least [`RECLAIM_MIN_BYTES`]
+    /// and half the file are free (reclaiming moves pages, i.e. writes flash), and at most
+    /// [`RECLAIM_STEP_PAGES`] per maintenance round so a commit never waits long behind it.
+    /// Stores created before incremental auto-vacuum (schema check below) are left as they are.
+    fn reclaim(&mut self) -> rusqlite::Result<()> {
+        let pragma = |name: &str| -> rusqlite::Result<i64> {
+            self.conn
+                .query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+        };
+        if pragma("auto_vacuum")? != 2 {
+            return Ok(());
+        }
+        let (free, pages, page_size) = (
+            pragma("freelist_count")?,
+            pragma("page_count")?,
+            pragma("page_size")?,
+        );
+        if free * page_size < RECLAIM_MIN_BYTES || free * 2 < pages {
+            return Ok(());
+        }
+        // The pragma frees one page per step: step it to the end.
+        let mut st = self
+            .conn
+            .prepare(&format!("PRAGMA incremental_vacuum({RECLAIM_STEP_PAGES})"))?;
+        let mut rows = st.query([])?;
+        while rows.next()?.is_some() {}
+        debug!(
+            freed_pages = free.min(RECLAIM_STEP_PAGES),
+            pages, "store: gave free space back to the filesystem"
+        );
+        Ok(())
+    }
 }
+
+/// Free space worth giving back (see `Worker::reclaim`).
+const RECLAIM_MIN_BYTES: i64 = 8 << 20;
+/// Most pages given back per maintenance round (8 MiB with 4 KiB pages).
+const RECLAIM_STEP_PAGES: i64 = 2048;
 
 #[cfg(test)]
 mod tests;

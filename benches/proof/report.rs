@@ -195,17 +195,19 @@ impl Suite {
         );
         versions.insert("rustc".into(), cmd_line("rustc", &["--version"]));
         versions.insert("edgeferry_commit".into(), {
-            let dir = binary
-                .parent()
-                .and_then(|p| p.parent())
-                .and_then(|p| p.parent());
-            dir.map(|d| {
-                cmd_line(
-                    "git",
-                    &["-C", &d.to_string_lossy(), "log", "-1", "--format=%h %s"],
-                )
-            })
-            .unwrap_or_default()
+            // The checkout this bench was built from, marked when it had uncommitted changes.
+            let dir = env!("CARGO_MANIFEST_DIR");
+            let head = cmd_line("git", &["-C", dir, "log", "-1", "--format=%h %s"]);
+            let dirty = std::process::Command::new("git")
+                .args(["-C", dir, "status", "--porcelain", "--untracked-files=no"])
+                .output()
+                .map(|o| !o.stdout.is_empty())
+                .unwrap_or(false);
+            if dirty {
+                format!("{head} (with uncommitted changes)")
+            } else {
+                head
+            }
         });
         let mut binary_sizes = BTreeMap::new();
         let (e, el) = sizes(binary);

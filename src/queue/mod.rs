@@ -36,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{oneshot, watch};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::SyncMode;
 use crate::telemetry::Metrics;
@@ -749,45 +749,39 @@ impl Worker {
         Ok(())
     }
 
-    /// Give free pages back to the filesystem after a backlog drained, so one long outage does
-    /// not leave the file at its peak size for ever. Only when at least [`RECLAIM_MIN_BYTES`]
-    /// and half the file are free (reclaiming moves pages, i.e. writes flash), and at most
-    /// [`RECLAIM_STEP_PAGES`] per maintenance round so a commit never waits long behind it.
-    /// Stores created before incremental auto-vacuum (schema check below) are left as they are.
+    /// Give space back to the filesystem after a large backlog drained, so one long outage does
+    /// not leave the file at its peak size for ever: `VACUUM` once at least
+    /// [`RECLAIM_MIN_BYTES`] and nine tenths of the file are free. VACUUM rewrites only the live
+    /// rows, which are then few, so it is short and writes little; SQLite's auto-vacuum would
+    /// instead add a pointer-map page write to every commit, for the whole life of the flash.
     fn reclaim(&mut self) -> rusqlite::Result<()> {
         let pragma = |name: &str| -> rusqlite::Result<i64> {
             self.conn
                 .query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
         };
-        if pragma("auto_vacuum")? != 2 {
-            return Ok(());
-        }
         let (free, pages, page_size) = (
             pragma("freelist_count")?,
             pragma("page_count")?,
             pragma("page_size")?,
         );
-        if free * page_size < RECLAIM_MIN_BYTES || free * 2 < pages {
+        if free * page_size < RECLAIM_MIN_BYTES || free * 10 < pages * 9 {
             return Ok(());
         }
-        // The pragma frees one page per step: step it to the end.
-        let mut st = self
-            .conn
-            .prepare(&format!("PRAGMA incremental_vacuum({RECLAIM_STEP_PAGES})"))?;
-        let mut rows = st.query([])?;
-        while rows.next()?.is_some() {}
-        debug!(
-            freed_pages = free.min(RECLAIM_STEP_PAGES),
-            pages, "store: gave free space back to the filesystem"
+        let started = Instant::now();
+        self.conn.execute_batch("VACUUM")?;
+        let after = pragma("page_count")?;
+        info!(
+            before_mib = (pages * page_size) >> 20,
+            after_mib = (after * page_size) >> 20,
+            took = ?started.elapsed(),
+            "store: compacted after the backlog drained"
         );
         Ok(())
     }
 }
 
 /// Free space worth giving back (see `Worker::reclaim`).
-const RECLAIM_MIN_BYTES: i64 = 8 << 20;
-/// Most pages given back per maintenance round (8 MiB with 4 KiB pages).
-const RECLAIM_STEP_PAGES: i64 = 2048;
+const RECLAIM_MIN_BYTES: i64 = 16 << 20;
 
 #[cfg(test)]
 mod tests;

@@ -154,12 +154,6 @@ pub fn open(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
     // Checked again on this connection: the file may have been created or replaced meanwhile.
     let fresh = identity(path, app_id, version, tables)?;
 
-    if fresh {
-        // Before the first table: lets the store give space back after a backlog drains
-        // (`PRAGMA incremental_vacuum`, run by the store's maintenance).
-        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
-            .map_err(c)?;
-    }
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .map_err(c)?;

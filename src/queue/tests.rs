@@ -451,7 +451,7 @@ proptest! {
 }
 
 /// After a large backlog is acknowledged, maintenance gives the space back: the file shrinks,
-/// and what is still queued is intact.
+/// and what is still queued is intact (a 25k x 1 KiB backlog acknowledged down to 100 rows).
 #[test]
 fn a_drained_backlog_gives_its_space_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -465,7 +465,7 @@ fn a_drained_backlog_gives_its_space_back() {
     };
     rt.block_on(async {
         let payload = vec![7u8; 1024];
-        for _ in 0..30_000 {
+        for _ in 0..25_000 {
             let (m, _) = msg("t", &payload, None);
             h.enqueue(m).await.unwrap();
         }
@@ -479,7 +479,7 @@ fn a_drained_backlog_gives_its_space_back() {
             }
             rows.extend(batch);
         }
-        assert_eq!(rows.len(), 30_000);
+        assert_eq!(rows.len(), 25_000);
         // Keep the newest 100 queued.
         for r in &rows[..rows.len() - 100] {
             h.ack(r.seq).await.unwrap();
@@ -487,13 +487,10 @@ fn a_drained_backlog_gives_its_space_back() {
         h.flush().await.unwrap();
     });
     let full = pages(&path);
-    assert!(full > 7_000, "the backlog took {full} pages");
-    // Each round gives back a bounded step; a few rounds return (almost) everything.
-    for _ in 0..10 {
-        let (tx, rx) = oneshot::channel();
-        h.tx.send(Cmd::Maintain(tx)).unwrap();
-        rt.block_on(rx).unwrap();
-    }
+    assert!(full > 6_000, "the backlog took {full} pages");
+    let (tx, rx) = oneshot::channel();
+    h.tx.send(Cmd::Maintain(tx)).unwrap();
+    rt.block_on(rx).unwrap();
     let after = pages(&path);
     assert!(after * 4 < full, "{full} pages before, {after} after");
     let left = rt.block_on(h.fetch(0, 100)).unwrap();

@@ -395,18 +395,18 @@ pub async fn bind_metrics(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Log to stderr, coloured only on a terminal. Under systemd (JOURNAL_STREAM set) timestamps are left to the journal.
 /// The embedded broker logs ordinary device disconnects at ERROR ("router-drop", "connection
-/// already gone"), which would make ERROR meaningless in the journal; its lines are off unless
-/// RUST_LOG asks for them, except server errors. The router event that matters, a log overflow,
-/// is counted and logged by ingest itself, and bind failures are caught before rumqttd starts.
+/// already gone", "connection closed by peer"), which would make ERROR meaningless in the
+/// journal; its lines are off unless RUST_LOG asks for them (`RUST_LOG=info,rumqttd=info`). The
+/// router event that matters, a log overflow, is counted and logged by ingest itself; bind
+/// failures are caught before rumqttd starts, and a broker that does not serve is reported by
+/// the start-up readiness check.
 pub fn init_logging(level: &str) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| {
-            tracing_subscriber::EnvFilter::try_new(format!(
-                "{level},rumqttd=off,rumqttd::server=error,rumqttc=warn"
-            ))
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+            tracing_subscriber::EnvFilter::try_new(format!("{level},rumqttd=off,rumqttc=warn"))
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
         });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -52,8 +52,10 @@ struct PauseLog {
 }
 
 impl Gate {
+    /// A gate that stays closed until [`Gate::broker_ready`]: a device that connects while the
+    /// broker is still starting waits (its bytes queue in the kernel) instead of being refused.
     pub fn new(store: StoreHandle, metrics: Arc<Metrics>) -> Gate {
-        let (open, _) = watch::channel(true);
+        let (open, _) = watch::channel(false);
         Gate {
             open: Arc::new(open),
             store,
@@ -61,6 +63,25 @@ impl Gate {
             log: Arc::default(),
             halted: Arc::default(),
         }
+    }
+
+    /// Open for the first time: the broker serves MQTT at `broker` (checked here, retrying until
+    /// it does or `shutdown`).
+    pub async fn broker_ready(&self, broker: SocketAddr, shutdown: CancellationToken) {
+        while mqtt_handshake(broker).await.is_err() {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+        let halted = &self.halted;
+        self.open.send_if_modified(|open| {
+            if halted.load(std::sync::atomic::Ordering::SeqCst) {
+                return false;
+            }
+            *open = true;
+            true
+        });
     }
 
     /// Close for good (shutdown): devices get no more PUBACKs for messages ingest would not
@@ -132,6 +153,36 @@ impl Gate {
     }
 }
 
+/// One MQTT 3.1.1 session (CONNECT, CONNACK, DISCONNECT): proves the broker serves devices, and
+/// unlike a bare TCP connect it does not make rumqttd log an aborted connection at ERROR.
+pub async fn mqtt_handshake(addr: std::net::SocketAddr) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const CLIENT_ID: &[u8] = b"edgeferry-ready-probe";
+    let mut connect = vec![0x10, (12 + CLIENT_ID.len()) as u8];
+    // Protocol "MQTT" level 4, clean session, keepalive 60 s, client id.
+    connect.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60]);
+    connect.extend_from_slice(&(CLIENT_ID.len() as u16).to_be_bytes());
+    connect.extend_from_slice(CLIENT_ID);
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(&connect).await?;
+        let mut connack = [0u8; 4];
+        s.read_exact(&mut connack).await?;
+        if connack != [0x20, 0x02, 0x00, 0x00] {
+            return Err(std::io::Error::other(format!(
+                "unexpected CONNACK {connack:02x?}"
+            )));
+        }
+        // DISCONNECT and close at once, as a device would (waiting for the broker to close
+        // first makes rumqttd log a "router-drop" ERROR).
+        s.write_all(&[0xE0, 0x00]).await?;
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
 /// Accept device connections on `listener` and relay each to the broker at `broker`, reading
 /// from devices only while the gate is open. Returns when `shutdown` fires.
 pub async fn relay(
@@ -169,6 +220,10 @@ async fn relay_one(
     broker: SocketAddr,
     mut open: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    // Not before the broker is ready (nor while devices are held back).
+    if open.wait_for(|open| *open).await.is_err() {
+        return Ok(());
+    }
     let upstream = TcpStream::connect(broker).await?;
     device.set_nodelay(true)?;
     upstream.set_nodelay(true)?;

@@ -211,7 +211,7 @@ async fn wait_accepting(
 ) -> Result<(), ServiceError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        if mqtt_handshake(addr).await.is_ok() {
+        if crate::ingest::gate::mqtt_handshake(addr).await.is_ok() {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
@@ -221,36 +221,6 @@ async fn wait_accepting(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-/// One MQTT 3.1.1 session (CONNECT, CONNACK, DISCONNECT): proves the broker serves devices, and
-/// unlike a bare TCP connect it does not make rumqttd log an aborted connection at ERROR.
-async fn mqtt_handshake(addr: std::net::SocketAddr) -> std::io::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const CLIENT_ID: &[u8] = b"edgeferry-ready-probe";
-    let mut connect = vec![0x10, (12 + CLIENT_ID.len()) as u8];
-    // Protocol "MQTT" level 4, clean session, keepalive 60 s, client id.
-    connect.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60]);
-    connect.extend_from_slice(&(CLIENT_ID.len() as u16).to_be_bytes());
-    connect.extend_from_slice(CLIENT_ID);
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(&connect).await?;
-        let mut connack = [0u8; 4];
-        s.read_exact(&mut connack).await?;
-        if connack != [0x20, 0x02, 0x00, 0x00] {
-            return Err(std::io::Error::other(format!(
-                "unexpected CONNACK {connack:02x?}"
-            )));
-        }
-        // DISCONNECT and close at once, as a device would (waiting for the broker to close
-        // first makes rumqttd log a "router-drop" ERROR).
-        s.write_all(&[0xE0, 0x00]).await?;
-        Ok(())
-    };
-    tokio::time::timeout(Duration::from_secs(2), exchange)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// Resolves on SIGTERM or SIGINT.

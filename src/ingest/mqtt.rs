@@ -209,9 +209,13 @@ struct Sink {
     gate: Option<Gate>,
 }
 
-/// A loopback port free right now, for rumqttd's internal listener.
+/// A loopback port free right now, for rumqttd's internal listener. 127.0.0.2 (also loopback on
+/// Linux) keeps it out of the way of whatever else on the box picks ports on 127.0.0.1; the port
+/// is free when picked and rumqttd binds it moments later.
 fn free_loopback_port() -> std::io::Result<SocketAddr> {
-    TcpListener::bind("127.0.0.1:0")?.local_addr()
+    TcpListener::bind("127.0.0.2:0")
+        .or_else(|_| TcpListener::bind("127.0.0.1:0"))?
+        .local_addr()
 }
 
 fn loopback(mut addr: SocketAddr) -> SocketAddr {

@@ -18,12 +18,23 @@ use tokio::io::AsyncWriteExt;
 
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// A loopback port free right now, and never handed out before in this test process: the
+/// kernel may return a port it just freed, and two tests (or two roles in one test) must not
+/// end up with the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Poll `f` until it returns Some, or panic after `limit` with `what`.

@@ -29,10 +29,11 @@ fn main() -> ExitCode {
                 Ok(r) => r,
                 Err(e) => return fail(EXIT_FAILURE, &format!("cannot start runtime: {e}")),
             };
-            let result = runtime.block_on(edgeferry::service::run(
-                config,
-                edgeferry::service::signals(),
-            ));
+            let result = runtime.block_on(async {
+                // First, before anything starts: a SIGTERM from here on is a clean stop.
+                let shutdown = edgeferry::service::signals();
+                edgeferry::service::run(config, shutdown).await
+            });
             // rumqttd's threads never end by themselves; do not wait for them.
             runtime.shutdown_timeout(std::time::Duration::from_millis(200));
             match result {

@@ -157,12 +157,16 @@ impl Gate {
 /// unlike a bare TCP connect it does not make rumqttd log an aborted connection at ERROR.
 pub async fn mqtt_handshake(addr: std::net::SocketAddr) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const CLIENT_ID: &[u8] = b"edgeferry-ready-probe";
-    let mut connect = vec![0x10, (12 + CLIENT_ID.len()) as u8];
+    // Unique per probe: two probes with one client id would take each other's session over.
+    static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = format!("edgeferry-ready-probe-{n}");
+    let client_id = id.as_bytes();
+    let mut connect = vec![0x10, (12 + client_id.len()) as u8];
     // Protocol "MQTT" level 4, clean session, keepalive 60 s, client id.
     connect.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60]);
-    connect.extend_from_slice(&(CLIENT_ID.len() as u16).to_be_bytes());
-    connect.extend_from_slice(CLIENT_ID);
+    connect.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    connect.extend_from_slice(client_id);
     let exchange = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
         s.write_all(&connect).await?;

@@ -223,21 +223,25 @@ async fn wait_accepting(
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn signals() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called (inside the
+/// runtime), not when the future is first polled, so a SIGTERM during start-up is a clean stop
+/// rather than the default action (death by signal).
+pub fn signals() -> impl Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM received"),
-                _ = int.recv() => info!("SIGINT received"),
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => info!("SIGTERM received"),
+                    _ = int.recv() => info!("SIGINT received"),
+                }
             }
-        }
-        _ => {
-            // Without signal handlers only ctrl-c remains; better than never stopping cleanly.
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                // Without signal handlers only ctrl-c remains; better than never stopping cleanly.
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

@@ -88,21 +88,19 @@ fn inspect(path: &Path) -> Result<(), StoreError> {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| classify(path, e))?;
-    let c = |e| classify(path, e);
-    let app_id: i64 = conn
-        .query_row("PRAGMA application_id", [], |r| r.get(0))
-        .map_err(c)?;
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(c)?;
-    let tables: i64 = conn
-        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
-        .map_err(c)?;
-    identity(path, app_id, version, tables).map(drop)
+    identity(path, &conn).map(drop)
 }
 
-/// Refuse a foreign or newer store; true when the file is empty and new.
-fn identity(path: &Path, app_id: i64, version: i64, tables: i64) -> Result<bool, StoreError> {
+/// Refuse a foreign or newer store; otherwise whether the file is empty and new, and its schema
+/// version. Reads only.
+fn identity(path: &Path, conn: &Connection) -> Result<(bool, i64), StoreError> {
+    let read = |sql: &str| -> Result<i64, StoreError> {
+        conn.query_row(sql, [], |r| r.get(0))
+            .map_err(|e| classify(path, e))
+    };
+    let app_id = read("PRAGMA application_id")?;
+    let version = read("PRAGMA user_version")?;
+    let tables = read("SELECT count(*) FROM sqlite_master")?;
     let fresh = app_id == 0 && version == 0 && tables == 0;
     if !fresh && app_id != APPLICATION_ID {
         return Err(StoreError::Foreign {
@@ -117,7 +115,7 @@ fn identity(path: &Path, app_id: i64, version: i64, tables: i64) -> Result<bool,
             known: SCHEMA_VERSION,
         });
     }
-    Ok(fresh)
+    Ok((fresh, version))
 }
 
 /// Open or create the store at `path`, refusing anything that is not ours.
@@ -141,18 +139,9 @@ pub fn open(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
     let c = |e| classify(path, e);
 
     // Identity first, before any pragma that writes (journal_mode = WAL would modify a foreign
-    // file's header).
-    let app_id: i64 = conn
-        .query_row("PRAGMA application_id", [], |r| r.get(0))
-        .map_err(c)?;
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(c)?;
-    let tables: i64 = conn
-        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
-        .map_err(c)?;
-    // Checked again on this connection: the file may have been created or replaced meanwhile.
-    let fresh = identity(path, app_id, version, tables)?;
+    // file's header). Checked again on this connection: the file may have been created or
+    // replaced since `inspect`.
+    let (fresh, version) = identity(path, &conn)?;
 
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))

@@ -52,7 +52,7 @@ fn devices(
     tag: &str,
     pause: Duration,
     shared: &Arc<DeviceShared>,
-) -> Vec<std::thread::JoinHandle<common::device::DeviceReport>> {
+) -> Vec<std::thread::JoinHandle<DeviceReport>> {
     (0..n)
         .map(|i| {
             spawn_device(
@@ -70,6 +70,21 @@ fn devices(
             )
         })
         .collect()
+}
+
+/// Tell the devices to stop, wait for them, and return their reports and every payload they
+/// hold a PUBACK for.
+fn stop_devices(
+    shared: &DeviceShared,
+    devs: Vec<std::thread::JoinHandle<DeviceReport>>,
+) -> (Vec<DeviceReport>, Vec<Vec<u8>>) {
+    shared.stop.store(true, Ordering::SeqCst);
+    let reports: Vec<DeviceReport> = devs.into_iter().map(|h| h.join().unwrap()).collect();
+    let acked = reports
+        .iter()
+        .flat_map(|r| r.acked.iter().map(|a| a.payload.clone()))
+        .collect();
+    (reports, acked)
 }
 
 /// Wait until the devices got `more` further PUBACKs (bounded).
@@ -301,12 +316,7 @@ fn upstream_flapping_every_device_acked_message_arrives() {
             }
             d.wait_metric("edgeferry_upstream_connects_total", connects + 1);
         }
-        shared.stop.store(true, Ordering::SeqCst);
-        let reports: Vec<_> = devs.into_iter().map(|h| h.join().unwrap()).collect();
-        let acked: Vec<Vec<u8>> = reports
-            .iter()
-            .flat_map(|r| r.acked.iter().map(|a| a.payload.clone()))
-            .collect();
+        let (reports, acked) = stop_devices(&shared, devs);
         assert!(reports.iter().all(|r| r.unacked.is_empty()));
         let missing = consumer.wait_for_all(&acked, WAIT);
         assert_eq!(
@@ -394,12 +404,7 @@ async fn half_open_link_is_noticed_within_keepalive_bound_and_recovered() {
         "forwarding again {:?} after the link resumed",
         resumed.elapsed()
     );
-    shared.stop.store(true, Ordering::SeqCst);
-    let reports: Vec<_> = devs.into_iter().map(|h| h.join().unwrap()).collect();
-    let acked: Vec<Vec<u8>> = reports
-        .iter()
-        .flat_map(|r| r.acked.iter().map(|a| a.payload.clone()))
-        .collect();
+    let (_, acked) = stop_devices(&shared, devs);
     let got = collector.wait_all(&acked, WAIT).await;
     eprintln!(
         "half-open: {} device-acked, all arrived, {} duplicates",

@@ -74,6 +74,11 @@ impl Gate {
                 _ = shutdown.cancelled() => return,
             }
         }
+        self.reopen();
+    }
+
+    /// Open, unless halted. Under the watch's lock, so a concurrent [`Gate::halt`] wins.
+    fn reopen(&self) {
         let halted = &self.halted;
         self.open.send_if_modified(|open| {
             if halted.load(std::sync::atomic::Ordering::SeqCst) {
@@ -124,15 +129,7 @@ impl Gate {
                 .local_paused_ms
                 .add(since.elapsed().as_millis() as u64);
             gate.metrics.local_paused_now.set(0);
-            // Under the watch's lock, so a concurrent halt() wins.
-            let halted = &gate.halted;
-            gate.open.send_if_modified(|open| {
-                if halted.load(std::sync::atomic::Ordering::SeqCst) {
-                    return false;
-                }
-                *open = true;
-                true
-            });
+            gate.reopen();
             debug!(paused = ?since.elapsed(), "local devices resumed");
         });
     }

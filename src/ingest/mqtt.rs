@@ -126,7 +126,7 @@ impl LocalBroker {
             mut broker,
             links,
             fronts,
-            ready_addr: self_ready,
+            ready_addr,
         } = self;
         let alerts = broker
             .alerts()
@@ -156,7 +156,6 @@ impl LocalBroker {
         });
 
         let gate = (!fronts.is_empty()).then(|| Gate::new(store.clone(), metrics.clone()));
-        let internal_v4 = fronts.first().map(|f| f.2).unwrap_or(self_ready);
         let mut relays = Vec::new();
         for (key, listener, internal) in fronts {
             let listener = tokio::net::TcpListener::from_std(listener)
@@ -171,9 +170,8 @@ impl LocalBroker {
         }
         if let Some(gate) = gate.clone() {
             let stop = shutdown.clone();
-            let broker = loopback(internal_v4);
             tokio::spawn(async move {
-                gate.broker_ready(broker, stop.clone()).await;
+                gate.broker_ready(ready_addr, stop.clone()).await;
                 stop.cancelled().await;
                 gate.halt();
             });

@@ -38,6 +38,63 @@ impl Gauge {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn sub(&self, n: u64) {
+        self.0.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// Why the MQTT ingress refused a device or one of its packets (`edgeferry_ingress_refused_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngressRefusal {
+    /// `local.max_connections` devices were connected.
+    ConnectionLimit,
+    /// `local.max_handshakes` connections had not sent CONNECT yet.
+    HandshakeLimit,
+    /// `local.max_connections_per_address` from this source address.
+    AddressLimit,
+    /// No CONNECT within `local.connect_timeout`.
+    ConnectTimeout,
+    /// Bytes that are not MQTT, or not valid in this state.
+    Malformed,
+    /// A packet larger than `local.max_payload` allows.
+    Oversized,
+    /// A topic name no upstream accepts (wildcard, NUL, not UTF-8, empty, bad alias).
+    InvalidTopic,
+    /// A v5 payload marked UTF-8 that is not.
+    PayloadFormat,
+    /// Silent for 1.5 times its keepalive.
+    KeepAlive,
+}
+
+impl IngressRefusal {
+    pub const ALL: [IngressRefusal; 9] = [
+        IngressRefusal::ConnectionLimit,
+        IngressRefusal::HandshakeLimit,
+        IngressRefusal::AddressLimit,
+        IngressRefusal::ConnectTimeout,
+        IngressRefusal::Malformed,
+        IngressRefusal::Oversized,
+        IngressRefusal::InvalidTopic,
+        IngressRefusal::PayloadFormat,
+        IngressRefusal::KeepAlive,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IngressRefusal::ConnectionLimit => "connection-limit",
+            IngressRefusal::HandshakeLimit => "handshake-limit",
+            IngressRefusal::AddressLimit => "address-limit",
+            IngressRefusal::ConnectTimeout => "connect-timeout",
+            IngressRefusal::Malformed => "malformed",
+            IngressRefusal::Oversized => "oversized",
+            IngressRefusal::InvalidTopic => "invalid-topic",
+            IngressRefusal::PayloadFormat => "payload-format",
+            IngressRefusal::KeepAlive => "keepalive",
+        }
+    }
 }
 
 /// Log-linear histogram of durations in microseconds: 8 sub-buckets per power of two, so any
@@ -124,15 +181,16 @@ pub struct Metrics {
     pub ingest_duplicates: Counter,
     /// Messages on a dedup route that carried no usable key (queued without dedup).
     pub ingest_dedup_key_missing: Counter,
-    /// Messages the local broker evicted from its log before ingest read them (acknowledged to
-    /// devices, never committed), counted exactly from gaps in the log offsets.
-    pub local_dropped: Counter,
-    /// Times reading from local devices was paused because the store fell behind.
-    pub local_paused: Counter,
-    /// Milliseconds reading from local devices was paused, in all.
-    pub local_paused_ms: Counter,
-    /// 1 while reading from local devices is paused.
-    pub local_paused_now: Gauge,
+    /// Devices or packets the MQTT ingress refused, by [`IngressRefusal`].
+    pub ingress_refused: [Counter; 9],
+    /// Device publishes refused for their topic, by `route::TopicError` (declaration order).
+    pub ingress_invalid_topics: [Counter; 5],
+    /// Device publishes that matched no route (acknowledged, not queued).
+    pub ingress_unrouted: Counter,
+    /// Failed accept() calls on the device listeners (out of file descriptors and the like).
+    pub ingress_accept_errors: Counter,
+    /// Device connections open now.
+    pub ingress_connections: Gauge,
     /// Queue rows deleted after the upstream's PUBACK.
     pub acked: Counter,
     /// Publishes handed to the upstream connection (resends included).
@@ -177,7 +235,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &Counter, &str); 21] = [
+        let counters: [(&str, &Counter, &str); 20] = [
             (
                 "ingested_total",
                 &self.ingested,
@@ -199,19 +257,14 @@ impl Metrics {
                 "Messages on a dedup route without a usable key",
             ),
             (
-                "local_dropped_total",
-                &self.local_dropped,
-                "Messages acknowledged to local devices that the broker evicted before ingest read them",
+                "ingress_unrouted_total",
+                &self.ingress_unrouted,
+                "Device publishes that matched no route (acknowledged, not queued)",
             ),
             (
-                "local_paused_total",
-                &self.local_paused,
-                "Times reading from local devices paused because the store fell behind (back-pressure)",
-            ),
-            (
-                "local_paused_milliseconds_total",
-                &self.local_paused_ms,
-                "Time reading from local devices was paused, in all",
+                "ingress_accept_errors_total",
+                &self.ingress_accept_errors,
+                "Failed accepts on the device listeners (out of file descriptors?)",
             ),
             (
                 "acked_total",
@@ -299,11 +352,31 @@ impl Metrics {
                 c.get()
             );
         }
+        let _ = writeln!(out, "# HELP edgeferry_ingress_refused_total Devices or packets the MQTT ingress refused, by reason\n# TYPE edgeferry_ingress_refused_total counter");
+        for (why, c) in IngressRefusal::ALL.iter().zip(&self.ingress_refused) {
+            let _ = writeln!(
+                out,
+                "edgeferry_ingress_refused_total{{reason=\"{}\"}} {}",
+                why.as_str(),
+                c.get()
+            );
+        }
+        let _ = writeln!(out, "# HELP edgeferry_ingress_invalid_topics_total Device publishes refused for their topic name, by kind\n# TYPE edgeferry_ingress_invalid_topics_total counter");
+        for (kind, c) in ["empty", "not-utf8", "wildcard", "nul", "too-long"]
+            .iter()
+            .zip(&self.ingress_invalid_topics)
+        {
+            let _ = writeln!(
+                out,
+                "edgeferry_ingress_invalid_topics_total{{kind=\"{kind}\"}} {}",
+                c.get()
+            );
+        }
         let gauges: [(&str, &Gauge, &str); 4] = [
             (
-                "local_paused",
-                &self.local_paused_now,
-                "1 while reading from local devices is paused (back-pressure)",
+                "ingress_connections",
+                &self.ingress_connections,
+                "Device connections open now",
             ),
             (
                 "upstream_connected",

@@ -83,15 +83,23 @@ pub struct Local {
     /// Largest publish payload a device may send; a larger one is refused by the broker, which
     /// disconnects that device. Default 256KiB.
     pub max_payload: ByteSize,
-    /// Most device connections at once. Default 1000.
+    /// Most device connections at once; more are refused at accept. Default 1000.
     pub max_connections: usize,
-    /// In-memory log the broker keeps per route between a device's PUBACK and edgeferry's commit.
-    /// If ingest falls this far behind, the broker drops the oldest part (counted as
-    /// `edgeferry_local_dropped_total`). Default 2MiB.
-    pub buffer: ByteSize,
-    /// Hold devices back (stop reading their connections) while the store is behind, instead of
-    /// letting the broker's log overflow. Default true.
-    pub backpressure: bool,
+    /// Publishes one device connection may have waiting for their commit before edgeferry
+    /// stops reading from it (its PUBACKs are sent after the commit). Default 100.
+    pub max_inflight: u32,
+    /// A device must send CONNECT within this long after its TCP connection. Default 10s.
+    pub connect_timeout: HumanDuration,
+    /// Most connections that have not sent CONNECT yet; more are closed at accept, so sockets
+    /// that never speak cannot use up file descriptors. Default 256.
+    pub max_handshakes: usize,
+    /// Most connections from one source address. Default 64.
+    pub max_connections_per_address: usize,
+    /// Removed: devices are acknowledged only after commit, so there is no in-memory log to
+    /// size. Present only to refuse the key with that explanation.
+    pub buffer: Option<toml::Value>,
+    /// Removed: back-pressure is how the ingress always works. Refused with an explanation.
+    pub backpressure: Option<toml::Value>,
 }
 
 impl Default for Local {
@@ -101,8 +109,12 @@ impl Default for Local {
             listen_v5: None,
             max_payload: ByteSize(256 << 10),
             max_connections: 1000,
-            buffer: ByteSize(2 << 20),
-            backpressure: true,
+            max_inflight: 100,
+            connect_timeout: HumanDuration(Duration::from_secs(10)),
+            max_handshakes: 256,
+            max_connections_per_address: 64,
+            buffer: None,
+            backpressure: None,
         }
     }
 }
@@ -117,7 +129,9 @@ pub struct Store {
     /// of edgeferry but the last ones may be lost on power loss; fewer flash writes. Default "full".
     #[serde(default)]
     pub sync: SyncMode,
-    /// Longest a received message waits to be grouped with others before the commit. Default 5ms.
+    /// Linger: how long a commit may wait for more messages to group with. Default 0 (none: a
+    /// commit starts as soon as the previous one ended and takes whatever queued meanwhile).
+    /// A few milliseconds trade device PUBACK latency for fewer flash writes at low rates.
     #[serde(default = "default_commit_interval")]
     pub commit_interval: HumanDuration,
     /// Most messages per commit. Default 1024.
@@ -126,7 +140,7 @@ pub struct Store {
 }
 
 fn default_commit_interval() -> HumanDuration {
-    HumanDuration(Duration::from_millis(5))
+    HumanDuration(Duration::ZERO)
 }
 fn default_commit_batch() -> usize {
     1024
@@ -395,14 +409,35 @@ impl Config {
                 "must be between 1 B and 256MiB".into(),
             ));
         }
-        if self.local.buffer.0 < 64 << 10 {
-            return Err(bad("local.buffer", "must be at least 64KiB".into()));
-        }
-        if self.local.buffer.0 < 2 * self.local.max_payload.0 {
+        if self.local.buffer.is_some() {
             return Err(bad(
                 "local.buffer",
-                "must be at least twice local.max_payload".into(),
+                "no longer exists: devices get their PUBACK only after the commit, so no in-memory log needs sizing; delete the key".into(),
             ));
+        }
+        if self.local.backpressure.is_some() {
+            return Err(bad(
+                "local.backpressure",
+                "no longer exists: a device is always held back while its publishes wait for the store; delete the key".into(),
+            ));
+        }
+        if self.local.max_inflight == 0 || self.local.max_inflight > 65535 {
+            return Err(bad(
+                "local.max_inflight",
+                "must be between 1 and 65535".into(),
+            ));
+        }
+        if self.local.max_handshakes == 0 {
+            return Err(bad("local.max_handshakes", "must be at least 1".into()));
+        }
+        if self.local.max_connections_per_address == 0 {
+            return Err(bad(
+                "local.max_connections_per_address",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.local.connect_timeout.0.is_zero() {
+            return Err(bad("local.connect_timeout", "must be above 0".into()));
         }
         if self.local.max_connections == 0 {
             return Err(bad("local.max_connections", "must be at least 1".into()));
@@ -422,7 +457,7 @@ impl Config {
         if self.store.commit_interval.0 > Duration::from_secs(1) {
             return Err(bad(
                 "store.commit_interval",
-                "must be at most 1s: it is the window in which an acknowledged message is not yet on disk".into(),
+                "must be at most 1s: devices wait this long for their PUBACK".into(),
             ));
         }
         if self.store.path.as_os_str().is_empty() || self.store.path.is_dir() {
@@ -726,6 +761,18 @@ from = "devices/#"
             ),
             (MINIMAL.to_string() + "[store2]\n", "store2"),
             (
+                MINIMAL.to_string() + "[local]\nbuffer = \"2MiB\"\n",
+                "local.buffer",
+            ),
+            (
+                MINIMAL.to_string() + "[local]\nbackpressure = false\n",
+                "local.backpressure",
+            ),
+            (
+                MINIMAL.to_string() + "[local]\nmax_inflight = 0\n",
+                "local.max_inflight",
+            ),
+            (
                 MINIMAL.to_string() + "[dedup]\nwindow = \"0s\"\n",
                 "dedup.window",
             ),
@@ -752,10 +799,10 @@ from = "devices/#"
 
     #[test]
     fn durations_and_sizes_are_human_strings() {
-        let text =
-            MINIMAL.to_string() + "[local]\nbuffer = \"16MiB\"\n[shutdown]\ngrace = \"2500ms\"\n";
+        let text = MINIMAL.to_string()
+            + "[local]\nmax_payload = \"16KiB\"\n[shutdown]\ngrace = \"2500ms\"\n";
         let c = parse(&text).unwrap();
-        assert_eq!(c.local.buffer.0, 16 << 20);
+        assert_eq!(c.local.max_payload.0, 16 << 10);
         assert_eq!(c.shutdown.grace.0, Duration::from_millis(2500));
     }
 

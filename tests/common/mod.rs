@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod device;
+pub mod raw;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

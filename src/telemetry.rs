@@ -221,6 +221,8 @@ pub struct Metrics {
     pub downlink_dropped: Counter,
     /// 1 while connected upstream.
     pub upstream_connected: Gauge,
+    /// 1 while store commits fail and are retried (disk full, I/O error).
+    pub store_commit_failing: Gauge,
     /// Messages in the queue.
     pub queue_depth: Gauge,
     /// Rows in the dead-letter table.
@@ -372,7 +374,12 @@ impl Metrics {
                 c.get()
             );
         }
-        let gauges: [(&str, &Gauge, &str); 4] = [
+        let gauges: [(&str, &Gauge, &str); 5] = [
+            (
+                "store_commit_failing",
+                &self.store_commit_failing,
+                "1 while store commits fail and are retried (disk full?)",
+            ),
             (
                 "ingress_connections",
                 &self.ingress_connections,

@@ -165,6 +165,9 @@ pub struct StoreHandle {
     // broker keeps acknowledging devices into its in-memory log (sized by local.buffer), and if
     // that overflows it drops the oldest part, counted as edgeferry_local_dropped_total.
     tx: flume::Sender<Cmd>,
+    /// Liveness probes, answered by the store thread wherever it waits, including between the
+    /// retries of a failing commit (a full disk is waiting, not hung).
+    probe: flume::Sender<oneshot::Sender<()>>,
     committed: watch::Receiver<i64>,
     epoch: Arc<str>,
 }
@@ -223,6 +226,7 @@ impl Store {
             info!(depth, "store opened with a backlog; it will be forwarded");
         }
         let (tx, rx) = flume::bounded(CHANNEL_CAPACITY);
+        let (probe, probe_rx) = flume::bounded(4);
         let (committed_tx, committed_rx) = watch::channel(last_seq);
         let mut worker = Worker {
             conn,
@@ -230,6 +234,7 @@ impl Store {
             options,
             metrics,
             rx,
+            probe_rx,
             committed: committed_tx,
             pending: Vec::new(),
             pending_keys: HashSet::new(),
@@ -249,6 +254,7 @@ impl Store {
         Ok(Store {
             handle: StoreHandle {
                 tx,
+                probe,
                 committed: committed_rx,
                 epoch: epoch.into(),
             },
@@ -342,6 +348,17 @@ impl StoreHandle {
         rx.await.map_err(|_| StoreError::Closed)
     }
 
+    /// Liveness: a round trip through the store thread's own wait, answered even while a failing
+    /// commit is being retried.
+    pub async fn alive(&self) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.probe
+            .send_async(reply)
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+
     /// Commit everything buffered so far.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
@@ -386,6 +403,7 @@ struct Worker {
     options: StoreOptions,
     metrics: Arc<Metrics>,
     rx: flume::Receiver<Cmd>,
+    probe_rx: flume::Receiver<oneshot::Sender<()>>,
     committed: watch::Sender<i64>,
     pending: Vec<Write>,
     /// Dedup keys of buffered inserts (the table only knows committed ones).
@@ -414,9 +432,42 @@ struct Committed {
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(10);
 
 impl Worker {
+    /// The next command, answering liveness probes while waiting for it.
+    fn next(&self, timeout: Duration) -> Result<Cmd, flume::RecvTimeoutError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = flume::Selector::new()
+                .recv(&self.rx, |r| {
+                    Some(r.map_err(|_| flume::RecvTimeoutError::Disconnected))
+                })
+                .recv(&self.probe_rx, |r| {
+                    if let Ok(reply) = r {
+                        let _ = reply.send(());
+                    }
+                    None
+                })
+                .wait_deadline(deadline);
+            match got {
+                Ok(Some(cmd)) => return cmd,
+                Ok(None) => continue,
+                Err(flume::select::SelectError::Timeout) => {
+                    return Err(flume::RecvTimeoutError::Timeout)
+                }
+            }
+        }
+    }
+
+    /// Sleep `delay` between commit retries, answering liveness probes meanwhile.
+    fn wait_answering_probes(&self, delay: Duration) {
+        let deadline = Instant::now() + delay;
+        while let Ok(reply) = self.probe_rx.recv_deadline(deadline) {
+            let _ = reply.send(());
+        }
+    }
+
     fn run(&mut self) {
         loop {
-            let first = match self.rx.recv_timeout(MAINTENANCE_EVERY) {
+            let first = match self.next(MAINTENANCE_EVERY) {
                 Ok(cmd) => cmd,
                 Err(flume::RecvTimeoutError::Timeout) => {
                     self.maintenance();
@@ -602,6 +653,7 @@ impl Worker {
             match self.try_commit() {
                 Ok(results) => {
                     if let Some(since) = failing_since {
+                        self.metrics.store_commit_failing.set(0);
                         info!(after = ?since.elapsed(), "store: commits succeed again");
                     }
                     self.finish(results);
@@ -611,8 +663,9 @@ impl Worker {
                     self.metrics.store_commit_errors.inc();
                     if failing_since.is_none() {
                         error!(error = %e, path = %self.path.display(), buffered = self.pending.len(),
-                            "store: commit failed; ingest is paused and the commit retried until it succeeds (is the disk full?)");
+                            "store: commit failed; devices get no PUBACK and are held back while the commit is retried until it succeeds (is the disk full?)");
                         failing_since = Some(Instant::now());
+                        self.metrics.store_commit_failing.set(1);
                     }
                     if self.rx.is_disconnected()
                         && failing_since.is_some_and(|s| s.elapsed() > Duration::from_secs(10))
@@ -627,7 +680,7 @@ impl Worker {
                         self.pending.clear();
                         return;
                     }
-                    std::thread::sleep(delay);
+                    self.wait_answering_probes(delay);
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }

@@ -58,7 +58,12 @@ pub fn stopping() {
 /// One-line summary for STATUS= and logs.
 pub fn summary(metrics: &Metrics) -> String {
     format!(
-        "queue {} messages, upstream {}, {} forwarded, {} dead letters",
+        "{}queue {} messages, upstream {}, {} forwarded, {} dead letters",
+        if metrics.store_commit_failing.get() == 1 {
+            "store commits failing (disk full?), devices held back; "
+        } else {
+            ""
+        },
         metrics.queue_depth.get(),
         if metrics.upstream_connected.get() == 1 {
             "connected"
@@ -89,7 +94,7 @@ pub async fn watchdog(
         }
         let mut failed = Vec::new();
         if !matches!(
-            tokio::time::timeout(answer_within, store.stats()).await,
+            tokio::time::timeout(answer_within, store.alive()).await,
             Ok(Ok(_))
         ) {
             failed.push("store".to_string());

@@ -8,8 +8,9 @@
 //!   last commits may be lost on power loss. Only committed rows are ever handed to the
 //!   forwarder, and an ingest caller's completion (`Enqueued::Committed`) fires only after COMMIT.
 //! - **Deleted only on acknowledgement.** A row leaves `messages` only through [`StoreHandle::ack`]
-//!   (the upstream's PUBACK for it) or [`StoreHandle::dead_letter`] (the upstream refused it; the
-//!   row moves to `dead_letters` with a reason in the same transaction). Nothing else deletes.
+//!   (the upstream's PUBACK for it) or [`StoreHandle::dead_letter`] (the upstream refused it, or
+//!   the forwarder quarantined it: see `forward`; the row moves to `dead_letters` with a reason
+//!   in the same transaction). Nothing else deletes.
 //! - **Ids are stable and never reused.** `seq` is an `AUTOINCREMENT` rowid: strictly increasing,
 //!   never reused even after the table empties. The message id sent upstream is
 //!   `{gateway}-{epoch}-{seq}`, where `epoch` is random per store file, so a recreated store
@@ -128,6 +129,10 @@ pub struct Row {
     pub topic: String,
     pub payload: Vec<u8>,
     pub enqueued_ms: i64,
+    /// Set when the stored row cannot be read as a message (a topic that is not UTF-8 text, a
+    /// payload that is not bytes: written by something other than this version). The forwarder
+    /// moves such a row to the dead-letter table rather than let it stop the queue.
+    pub defect: Option<String>,
 }
 
 /// A point-in-time view of the queue.
@@ -617,11 +622,36 @@ impl Worker {
             .map_err(|e| e.to_string())?;
         let rows = st
             .query_map(params![after], |r| {
+                use rusqlite::types::ValueRef;
+                // Column types are checked here, not trusted: a row this version cannot read is
+                // returned with a defect instead of failing the whole fetch.
+                let mut defect = None;
+                let topic = match r.get_ref(1)? {
+                    ValueRef::Text(t) | ValueRef::Blob(t) => match std::str::from_utf8(t) {
+                        Ok(t) => t.to_string(),
+                        Err(_) => {
+                            defect = Some("topic is not UTF-8 text".to_string());
+                            String::from_utf8_lossy(t).into_owned()
+                        }
+                    },
+                    other => {
+                        defect = Some(format!("topic is stored as {:?}", other.data_type()));
+                        String::new()
+                    }
+                };
+                let payload = match r.get_ref(2)? {
+                    ValueRef::Blob(b) | ValueRef::Text(b) => b.to_vec(),
+                    other => {
+                        defect = Some(format!("payload is stored as {:?}", other.data_type()));
+                        Vec::new()
+                    }
+                };
                 Ok(Row {
                     seq: r.get(0)?,
-                    topic: r.get(1)?,
-                    payload: r.get(2)?,
-                    enqueued_ms: r.get(3)?,
+                    topic,
+                    payload,
+                    enqueued_ms: r.get::<_, Option<i64>>(3).ok().flatten().unwrap_or(0),
+                    defect,
                 })
             })
             .map_err(|e| e.to_string())?;

@@ -195,6 +195,47 @@ fn dead_letters_leave_the_queue_with_their_reason() {
     assert_eq!(reason, "NotAuthorized");
 }
 
+/// Rows this version cannot read (written by something else: a topic that is not UTF-8 text, a
+/// payload stored as a number) come back with a defect instead of failing every fetch, and can
+/// be dead-lettered like any other row.
+#[test]
+fn unreadable_rows_are_returned_with_a_defect_and_can_be_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    open(&path).close();
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "INSERT INTO messages (topic, payload, enqueued_ms) VALUES ('ok', x'01', 1);
+             INSERT INTO messages (topic, payload, enqueued_ms) VALUES (CAST(x'ff00' AS BLOB), x'02', 1);
+             INSERT INTO messages (topic, payload, enqueued_ms) VALUES ('t', 42, 1);
+             INSERT INTO messages (topic, payload, enqueued_ms) VALUES ('ok', 'text payload', 1);",
+        )
+        .unwrap();
+    }
+    let rt = rt();
+    let store = open(&path);
+    let h = store.handle();
+    rt.block_on(async {
+        let rows = h.fetch(0, 10).await.unwrap();
+        let defects: Vec<bool> = rows.iter().map(|r| r.defect.is_some()).collect();
+        assert_eq!(defects, [false, true, true, false]);
+        assert_eq!(rows[3].payload, b"text payload");
+        h.dead_letter(rows[1].seq, "undecodable".into())
+            .await
+            .unwrap();
+        h.flush().await.unwrap();
+        assert_eq!(h.fetch(0, 10).await.unwrap().len(), 3);
+    });
+    drop(h);
+    store.close();
+    let conn = Connection::open(&path).unwrap();
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
 #[test]
 fn buffered_ack_hides_the_row_from_a_reread() {
     let dir = tempfile::tempdir().unwrap();

@@ -170,6 +170,43 @@ impl Histogram {
     }
 }
 
+/// Why a row was moved to the dead-letter table: the `reason` label of
+/// `edgeferry_dead_lettered_total`, and the start of the row's `reason` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// The upstream dropped the connection each time the row was sent alone.
+    Poison,
+    /// Refused for good: an MQTT 5 PUBACK or DISCONNECT reason about the message (not
+    /// authorised, payload format invalid), or the MQTT client would not send it.
+    Refused,
+    /// Larger than the upstream's maximum packet size (announced, or told by a reason code).
+    TooLarge,
+    /// The topic is not a valid MQTT topic name (wildcards, NUL or control characters, empty).
+    InvalidTopic,
+    /// The stored row cannot be read as a message (e.g. its topic is not UTF-8 text).
+    Undecodable,
+}
+
+impl DeadLetterReason {
+    pub const ALL: [DeadLetterReason; 5] = [
+        DeadLetterReason::Poison,
+        DeadLetterReason::Refused,
+        DeadLetterReason::TooLarge,
+        DeadLetterReason::InvalidTopic,
+        DeadLetterReason::Undecodable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::Poison => "poison",
+            DeadLetterReason::Refused => "refused",
+            DeadLetterReason::TooLarge => "too-large",
+            DeadLetterReason::InvalidTopic => "invalid-topic",
+            DeadLetterReason::Undecodable => "undecodable",
+        }
+    }
+}
+
 /// All of the daemon's metrics. Names in the Prometheus output are `edgeferry_<field>`.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -195,8 +232,12 @@ pub struct Metrics {
     pub acked: Counter,
     /// Publishes handed to the upstream connection (resends included).
     pub published: Counter,
-    /// Rows moved to the dead-letter table (the upstream refused them).
-    pub dead_lettered: Counter,
+    /// Rows moved to the dead-letter table, by [`DeadLetterReason`] (index = position in
+    /// `DeadLetterReason::ALL`).
+    pub dead_lettered: [Counter; DeadLetterReason::ALL.len()],
+    /// Times a message sent alone was followed at once by the upstream dropping the connection
+    /// (a strike towards quarantining it as poison).
+    pub poison_strikes: Counter,
     /// Failed store commits (each is retried; ingest pauses meanwhile).
     pub store_commit_errors: Counter,
     /// Buffered messages lost because commits kept failing through shutdown.
@@ -235,9 +276,23 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Count a row moved to the dead-letter table.
+    pub fn count_dead_letter(&self, reason: DeadLetterReason) {
+        let i = DeadLetterReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.dead_lettered[i].inc();
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let counters: [(&str, &Counter, &str); 20] = [
+            (
+                "upstream_poison_strikes_total",
+                &self.poison_strikes,
+                "Connections the upstream dropped right after a suspect message was sent alone",
+            ),
             (
                 "ingested_total",
                 &self.ingested,
@@ -277,11 +332,6 @@ impl Metrics {
                 "published_total",
                 &self.published,
                 "Publishes sent upstream, resends included",
-            ),
-            (
-                "dead_lettered_total",
-                &self.dead_lettered,
-                "Rows moved to the dead-letter table",
             ),
             (
                 "store_commit_errors_total",
@@ -351,6 +401,15 @@ impl Metrics {
                 out,
                 "edgeferry_serial_bad_frames_total{{kind=\"{}\"}} {}",
                 kind.as_str(),
+                c.get()
+            );
+        }
+        let _ = writeln!(out, "# HELP edgeferry_dead_lettered_total Rows moved to the dead-letter table, by reason\n# TYPE edgeferry_dead_lettered_total counter");
+        for (reason, c) in DeadLetterReason::ALL.iter().zip(&self.dead_lettered) {
+            let _ = writeln!(
+                out,
+                "edgeferry_dead_lettered_total{{reason=\"{}\"}} {}",
+                reason.as_str(),
                 c.get()
             );
         }
@@ -532,8 +591,11 @@ mod tests {
         let m = Metrics::default();
         m.committed.add(3);
         m.commit_latency.record(Duration::from_millis(2));
+        m.count_dead_letter(DeadLetterReason::Poison);
         let text = m.render();
         assert!(text.contains("edgeferry_committed_total 3"));
+        assert!(text.contains("edgeferry_dead_lettered_total{reason=\"poison\"} 1"));
+        assert!(text.contains("edgeferry_dead_lettered_total{reason=\"too-large\"} 0"));
         assert!(text.contains("edgeferry_commit_latency_seconds_count 1"));
     }
 }

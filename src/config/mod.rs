@@ -200,6 +200,10 @@ pub struct Upstream {
     /// MQTT 5 user property carrying the message id. Default "edgeferry-id".
     #[serde(default = "default_id_property")]
     pub id_property: String,
+    /// Quarantine a message as poison once the upstream dropped the connection this many times
+    /// in a row right after it was sent alone. At least 1. Default 3.
+    #[serde(default = "default_poison_after")]
+    pub poison_after: u32,
 }
 
 fn default_keepalive() -> HumanDuration {
@@ -222,6 +226,9 @@ fn default_stable_after() -> HumanDuration {
 }
 fn default_id_property() -> String {
     "edgeferry-id".into()
+}
+fn default_poison_after() -> u32 {
+    3
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -544,6 +551,12 @@ impl Config {
         if up.id_property.is_empty() {
             return Err(bad("upstream.id_property", "must not be empty".into()));
         }
+        if up.poison_after == 0 {
+            return Err(bad(
+                "upstream.poison_after",
+                "must be at least 1 (the number of dropped connections before a message is quarantined)".into(),
+            ));
+        }
         if self.routes.is_empty() && self.serial.is_empty() {
             return Err(bad(
                 "route",
@@ -679,6 +692,7 @@ from = "devices/#"
         assert_eq!(c.upstream.protocol, Protocol::V5);
         assert_eq!(c.store.sync, SyncMode::Full);
         assert_eq!(c.upstream.inflight, 64);
+        assert_eq!(c.upstream.poison_after, 3);
         assert_eq!(c.client_id(), "gw-1");
         assert_eq!(c.routes[0].to, "{topic}");
     }
@@ -713,6 +727,7 @@ from = "devices/#"
             // rumqttc's MQTT 5 client refuses (panics on) keepalives under 5s.
             (upstream_plus("keepalive = \"4s\""), "upstream.keepalive"),
             (upstream_plus("inflight = 0"), "upstream.inflight"),
+            (upstream_plus("poison_after = 0"), "upstream.poison_after"),
             (upstream_plus("inflight = 70000"), "upstream.inflight"),
             (upstream_plus("password = \"x\""), "upstream.username"),
             (

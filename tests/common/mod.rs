@@ -5,6 +5,7 @@
 
 pub mod device;
 pub mod raw;
+pub mod scripted;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

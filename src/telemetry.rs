@@ -191,6 +191,9 @@ pub struct Metrics {
     pub ingress_accept_errors: Counter,
     /// Device connections open now.
     pub ingress_connections: Gauge,
+    /// Dedup keys found stamped in the future at start-up (the clock stepped back since they
+    /// were stored) and re-stamped to the start-up time.
+    pub ingest_dedup_restamped: Counter,
     /// Queue rows deleted after the upstream's PUBACK.
     pub acked: Counter,
     /// Publishes handed to the upstream connection (resends included).
@@ -237,7 +240,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &Counter, &str); 20] = [
+        let counters: [(&str, &Counter, &str); 21] = [
             (
                 "ingested_total",
                 &self.ingested,
@@ -257,6 +260,11 @@ impl Metrics {
                 "ingest_dedup_key_missing_total",
                 &self.ingest_dedup_key_missing,
                 "Messages on a dedup route without a usable key",
+            ),
+            (
+                "ingest_dedup_restamped_total",
+                &self.ingest_dedup_restamped,
+                "Dedup keys stamped in the future at start-up (the clock stepped back), re-stamped to then",
             ),
             (
                 "ingress_unrouted_total",

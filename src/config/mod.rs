@@ -262,9 +262,10 @@ fn default_qos() -> u8 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Dedup {
-    /// Keys older than this are forgotten. Default 1h.
+    /// Keys older than this are forgotten; measured on the monotonic clock while running (see
+    /// `dedup::WindowClock`). Default 1h.
     pub window: HumanDuration,
-    /// Most keys remembered; the oldest go first. Default 100000.
+    /// Most keys remembered; the earliest admitted go first. Default 100000.
     pub max_keys: u64,
 }
 

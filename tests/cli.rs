@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::free_port;
+use common::{free_port, Daemon, DaemonConfig};
 
 fn edgeferry(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_edgeferry"))
@@ -156,4 +156,94 @@ fn run_with_a_missing_store_directory_fails_clearly() {
         "{}",
         stderr(&o)
     );
+}
+
+/// Run `check` and `run` on `text` and assert both refuse it with exit 78 and one line naming
+/// the file and containing each of `needles` (the key first).
+fn assert_refused(dir: &Path, name: &str, text: &str, needles: &[&str]) {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    for cmd in ["check", "run"] {
+        let o = edgeferry(&[cmd, "--config", path.to_str().unwrap()]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(78), "{cmd} {name}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{cmd}: one line: {err}");
+        assert!(
+            err.contains(path.to_str().unwrap()),
+            "{cmd}: names the file: {err}"
+        );
+        for n in needles {
+            assert!(err.contains(n), "{cmd} {name}: expected {n:?} in: {err}");
+        }
+    }
+}
+
+/// `log_level = "verbose"` used to pass `check`; tracing reads it as a filter for a module named
+/// "verbose", and the daemon then logged nothing at all, ERROR included.
+#[test]
+fn a_log_level_that_names_no_level_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = valid_config(dir.path()) + "[telemetry]\nlog_level = \"verbose\"\n";
+    assert_refused(
+        dir.path(),
+        "verbose.toml",
+        &text,
+        &["telemetry.log_level", "\"verbose\" is not a log level"],
+    );
+}
+
+/// A number too large for any TOML integer used to be reported at "(top level)".
+#[test]
+fn a_number_too_large_names_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = valid_config(dir.path()).replace(
+        "[upstream]\n",
+        "[upstream]\ninflight = 99999999999999999999\n",
+    );
+    assert_refused(
+        dir.path(),
+        "huge.toml",
+        &text,
+        &["upstream.inflight", "too large", "line "],
+    );
+}
+
+/// A host name where a listen address is expected used to say only "invalid socket address
+/// syntax".
+#[test]
+fn a_host_name_as_listen_address_asks_for_an_ip_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = valid_config(dir.path());
+    let at = good.find("listen = ").unwrap();
+    let end = at + good[at..].find('\n').unwrap();
+    let text = format!("{}listen = \"localhost:1883\"{}", &good[..at], &good[end..]);
+    assert_refused(
+        dir.path(),
+        "localhost.toml",
+        &text,
+        &[
+            "local.listen",
+            "\"localhost:1883\" is not an IP address and port",
+        ],
+    );
+}
+
+/// A RUST_LOG that names no level would silence the daemon; it is ignored with a warning on
+/// stderr and the configured level applies.
+#[test]
+fn a_rust_log_that_names_no_level_is_ignored_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = DaemonConfig::new("v5", free_port());
+    cfg.env = vec![("RUST_LOG".into(), "verbose".into())];
+    let mut d = Daemon::start(dir.path(), &cfg);
+    assert_eq!(d.terminate(), Some(0));
+    let log = d.log_text();
+    assert!(
+        log.contains("warning: RUST_LOG \"verbose\" is not a log level")
+            && log.contains("ignoring RUST_LOG"),
+        "{log}"
+    );
+    // The harness configures log_level = "debug": the daemon logs as usual.
+    assert!(log.contains("INFO edgeferry running"), "{log}");
+    assert!(log.contains("INFO stopped"), "{log}");
 }

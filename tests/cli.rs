@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{free_port, Daemon, DaemonConfig};
+use common::{free_port, wait_for, Daemon, DaemonConfig, WAIT};
 
 fn edgeferry(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_edgeferry"))
@@ -246,4 +246,63 @@ fn a_rust_log_that_names_no_level_is_ignored_with_a_warning() {
     // The harness configures log_level = "debug": the daemon logs as usual.
     assert!(log.contains("INFO edgeferry running"), "{log}");
     assert!(log.contains("INFO stopped"), "{log}");
+}
+
+/// The store holds every device's payloads: its files are created owner-only whatever the
+/// umask (the package's unit sets 0027, but a daemon started from a shell has 022).
+#[test]
+fn store_files_are_created_owner_only_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    let text = valid_config(dir.path());
+    let local: u16 = text
+        .split("listen = \"127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    std::fs::write(&cfg, text).unwrap();
+    let db = dir.path().join("q.db");
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Stop(
+        Command::new("sh")
+            .args(["-c", "umask 022 && exec \"$0\" run --config \"$1\""])
+            .arg(env!("CARGO_BIN_EXE_edgeferry"))
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the daemon to accept devices", WAIT, || {
+        std::net::TcpStream::connect(("127.0.0.1", local))
+            .ok()
+            .map(|_| ())
+    });
+    // In WAL mode, with the daemon running, all three files exist.
+    for suffix in ["", "-wal", "-shm"] {
+        let f = dir.path().join(format!("q.db{suffix}"));
+        let mode = std::fs::metadata(&f)
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{} is {:o}", f.display(), mode & 0o777);
+    }
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let mode = std::fs::metadata(&db).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
 }

@@ -131,6 +131,28 @@ fn identity(path: &Path, conn: &Connection) -> Result<(bool, i64), StoreError> {
     Ok((fresh, version))
 }
 
+/// Create the store file, if absent, readable and writable by its owner only, whatever the
+/// umask: the queue holds every device's payloads. SQLite gives the `-wal` and `-shm` files it
+/// creates beside it the database file's permissions, so they are 0600 too. An existing file
+/// keeps the mode its operator gave it.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        // Empty: SQLite initialises it as a new database.
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Open {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        }),
+    }
+}
+
 /// Open or create the store at `path`, refusing anything that is not ours.
 pub fn open(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -142,6 +164,7 @@ pub fn open(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
         }
     }
     inspect(path)?;
+    create_private(path)?;
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE

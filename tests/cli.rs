@@ -306,3 +306,57 @@ fn store_files_are_created_owner_only_whatever_the_umask() {
     let mode = std::fs::metadata(&db).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// The unit's comment on TimeoutStopSec states the default shutdown grace (it said 10 s while
+/// the default was 5 s), and the stop timeout leaves room above the grace.
+#[test]
+fn the_unit_file_states_the_default_shutdown_grace() {
+    let unit = include_str!("../packaging/edgeferry.service");
+    let grace = edgeferry::config::Shutdown::default().grace.0.as_secs();
+    assert!(
+        unit.contains(&format!("[shutdown] grace\n# (default {grace}s)")),
+        "the unit's TimeoutStopSec comment must state the default grace, {grace}s"
+    );
+    let example = include_str!("../config/edgeferry.toml");
+    assert!(example.contains(&format!("grace = \"{grace}s\"")));
+    let stop: u64 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .and_then(|v| v.trim_end_matches('s').parse().ok())
+        .expect("TimeoutStopSec in seconds");
+    assert!(
+        stop >= 2 * grace,
+        "TimeoutStopSec={stop}s leaves no room above {grace}s"
+    );
+}
+
+/// README's "Install on a gateway" names the package, config path, unit and commands the
+/// packaging actually produces.
+#[test]
+fn the_readme_install_section_matches_the_package() {
+    let readme = include_str!("../README.md");
+    let cargo = include_str!("../Cargo.toml");
+    let section = readme
+        .split("## Install on a gateway")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("README has an \"Install on a gateway\" section");
+    for needle in [
+        "apt install ./edgeferry_",
+        "/etc/edgeferry/edgeferry.toml",
+        "edgeferry check --config /etc/edgeferry/edgeferry.toml",
+        "systemctl enable --now edgeferry",
+        "journalctl -u edgeferry",
+        "packaging/README.md",
+        "/var/lib/edgeferry",
+    ] {
+        assert!(section.contains(needle), "install section lacks {needle:?}");
+    }
+    // What the section promises is what the package ships.
+    assert!(cargo.contains("\"etc/edgeferry/edgeferry.toml\""));
+    assert!(cargo.contains("unit-name = \"edgeferry\""));
+    assert!(
+        include_str!("../packaging/build-debs.sh").contains("edgeferry_${VERSION}-1_${arch}.deb")
+    );
+    assert!(include_str!("../packaging/edgeferry.service").contains("StateDirectory=edgeferry"));
+}

@@ -228,6 +228,9 @@ pub struct Metrics {
     pub ingress_accept_errors: Counter,
     /// Device connections open now.
     pub ingress_connections: Gauge,
+    /// Dedup keys found stamped in the future at start-up (the clock stepped back since they
+    /// were stored) and re-stamped to the start-up time.
+    pub ingest_dedup_restamped: Counter,
     /// Queue rows deleted after the upstream's PUBACK.
     pub acked: Counter,
     /// Publishes handed to the upstream connection (resends included).
@@ -287,7 +290,7 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &Counter, &str); 20] = [
+        let counters: [(&str, &Counter, &str); 21] = [
             (
                 "upstream_poison_strikes_total",
                 &self.poison_strikes,
@@ -312,6 +315,11 @@ impl Metrics {
                 "ingest_dedup_key_missing_total",
                 &self.ingest_dedup_key_missing,
                 "Messages on a dedup route without a usable key",
+            ),
+            (
+                "ingest_dedup_restamped_total",
+                &self.ingest_dedup_restamped,
+                "Dedup keys stamped in the future at start-up (the clock stepped back), re-stamped to then",
             ),
             (
                 "ingress_unrouted_total",
@@ -532,6 +540,39 @@ pub async fn bind_metrics(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// Why a log filter (`telemetry.log_level`, or `RUST_LOG`) cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The filter is empty: it would log nothing, ERROR included.
+    #[error("is empty; use error, warn, info, debug or trace")]
+    Empty,
+    /// A directive that names no level. tracing reads a bare word such as "verbose" as "every
+    /// level, but only from a module named verbose": nothing at all is logged, ERROR included.
+    #[error("{0:?} is not a log level; use error, warn, info, debug or trace, or a filter such as \"info,edgeferry=debug\" (NAME=LEVEL)")]
+    NoLevel(String),
+    /// Not a filter tracing understands.
+    #[error("{0:?} is not a valid log filter: {1}")]
+    Syntax(String, String),
+}
+
+/// Parse a log filter: a level ("info"), or comma-separated directives each of which names a
+/// level ("info,edgeferry=debug"). Refuses what would parse but silence the daemon.
+pub fn log_filter(text: &str) -> Result<tracing_subscriber::EnvFilter, TelemetryError> {
+    use std::str::FromStr;
+    use tracing_subscriber::filter::LevelFilter;
+    if text.trim().is_empty() {
+        return Err(TelemetryError::Empty);
+    }
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if LevelFilter::from_str(level.trim()).is_err() {
+            return Err(TelemetryError::NoLevel(directive.to_string()));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(text)
+        .map_err(|e| TelemetryError::Syntax(text.to_string(), e.to_string()))
+}
+
 /// Log to stderr, coloured only on a terminal. Under systemd (JOURNAL_STREAM set) timestamps are left to the journal.
 /// The embedded broker logs ordinary device disconnects at ERROR ("router-drop", "connection
 /// already gone", "connection closed by peer"), which would make ERROR meaningless in the
@@ -539,14 +580,32 @@ pub async fn bind_metrics(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// router event that matters, a log overflow, is counted and logged by ingest itself; bind
 /// failures are caught before rumqttd starts, and a broker that does not serve is reported by
 /// the start-up readiness check.
+///
+/// `level` is `telemetry.log_level`, already validated by the config. A `RUST_LOG` that is not
+/// a usable filter (see [`log_filter`]) is ignored with a warning on stderr: a daemon that
+/// silently logs nothing is worse than one that logs at its configured level.
 pub fn init_logging(level: &str) {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| {
-            tracing_subscriber::EnvFilter::try_new(format!("{level},rumqttd=off,rumqttc=warn"))
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        });
+    let rust_log = match std::env::var("RUST_LOG") {
+        Ok(f) if f.trim().is_empty() => None,
+        Ok(f) => Some(log_filter(&f).map_err(|e| format!("RUST_LOG {e}"))),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Some(Err("RUST_LOG is not valid UTF-8".to_string()))
+        }
+        Err(std::env::VarError::NotPresent) => None,
+    };
+    let configured = || {
+        log_filter(&format!("{level},rumqttd=off,rumqttc=warn"))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    let filter = match rust_log {
+        Some(Ok(f)) => f,
+        Some(Err(problem)) => {
+            // On stderr directly: the configured level may be too quiet for a WARN line.
+            eprintln!("edgeferry: warning: {problem}; ignoring RUST_LOG and logging at telemetry.log_level {level:?}");
+            configured()
+        }
+        None => configured(),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -565,6 +624,18 @@ pub fn init_logging(level: &str) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn log_filters_must_name_a_level() {
+        for good in ["info", "DEBUG", "warn,edgeferry=debug", "off", "trace,"] {
+            assert!(log_filter(good).is_ok(), "{good}");
+        }
+        for bad in ["verbose", "edgeferry", "info,loud", "", "  ", "info,[x"] {
+            assert!(log_filter(bad).is_err(), "{bad:?} accepted");
+        }
+        let e = log_filter("verbose").unwrap_err().to_string();
+        assert!(e.contains("\"verbose\" is not a log level"), "{e}");
+    }
 
     #[test]
     fn empty_histogram_has_no_quantiles() {

@@ -76,9 +76,11 @@ pub struct Gateway {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Local {
-    /// MQTT 3.1.1 listener. Default 127.0.0.1:1883.
+    /// MQTT 3.1.1 listener, an IP address and port. Default 127.0.0.1:1883.
+    #[serde(deserialize_with = "units::ip_port")]
     pub listen: SocketAddr,
     /// Optional MQTT 5 listener (needed for devices that send user properties). Default: none.
+    #[serde(deserialize_with = "units::opt_ip_port")]
     pub listen_v5: Option<SocketAddr>,
     /// Largest publish payload a device may send; a larger one is refused by the broker, which
     /// disconnects that device. Default 256KiB.
@@ -269,9 +271,10 @@ fn default_qos() -> u8 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Dedup {
-    /// Keys older than this are forgotten. Default 1h.
+    /// Keys older than this are forgotten; measured on the monotonic clock while running (see
+    /// `dedup::WindowClock`). Default 1h.
     pub window: HumanDuration,
-    /// Most keys remembered; the oldest go first. Default 100000.
+    /// Most keys remembered; the earliest admitted go first. Default 100000.
     pub max_keys: u64,
 }
 
@@ -289,8 +292,10 @@ impl Default for Dedup {
 #[serde(deny_unknown_fields, default)]
 pub struct Telemetry {
     /// Prometheus text endpoint, e.g. "127.0.0.1:9880". Default: off.
+    #[serde(deserialize_with = "units::opt_ip_port")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Log filter when RUST_LOG is unset: error, warn, info, debug, trace. Default "info".
+    /// Log filter when RUST_LOG is unset: error, warn, info, debug, trace, or directives that
+    /// each name a level ("info,edgeferry=debug"). Default "info".
     pub log_level: String,
 }
 
@@ -372,8 +377,15 @@ impl Config {
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::new(text);
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
+            let mut key = e.path().to_string();
             let inner = e.into_inner();
+            // The TOML parser reports some bad values (an integer too large for 64 bits) before
+            // serde sees a key; find the key from where the value is.
+            if key == "." {
+                if let Some(k) = inner.span().and_then(|s| key_at(text, s.start)) {
+                    key = k;
+                }
+            }
             let line = inner
                 .span()
                 .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
@@ -587,7 +599,7 @@ impl Config {
         if self.dedup.window.0.is_zero() {
             return Err(bad("dedup.window", "must be above 0".into()));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level)
+        crate::telemetry::log_filter(&self.telemetry.log_level)
             .map_err(|e| bad("telemetry.log_level", e.to_string()))?;
         Ok(())
     }
@@ -639,6 +651,42 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.gateway.id.clone())
     }
+}
+
+/// The dotted key (`upstream.inflight`, `route[1].qos`) whose value starts at byte `offset` of
+/// `text`: the last `key =` on that line, under the last table header above it. Best effort, for
+/// error messages only.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let mut table = String::new();
+    let mut arrays: std::collections::HashMap<String, usize> = Default::default();
+    let mut start = 0;
+    for line in text.split_inclusive('\n') {
+        let end = start + line.len();
+        if offset < end {
+            let before = text.get(start..offset)?;
+            let (lhs, _) = before.rsplit_once('=')?;
+            let key = lhs.rsplit(['{', ',']).next()?.trim().trim_matches('"');
+            if key.is_empty() || key.starts_with('#') {
+                return None;
+            }
+            return Some(if table.is_empty() {
+                key.to_string()
+            } else {
+                format!("{table}.{key}")
+            });
+        }
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_string();
+            let n = arrays.entry(name.clone()).or_default();
+            table = format!("{name}[{n}]");
+            *n += 1;
+        } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = name.trim().to_string();
+        }
+        start = end;
+    }
+    None
 }
 
 /// Split "host:port" (or "[v6]:port"), validating the port.
@@ -774,6 +822,27 @@ from = "devices/#"
                 MINIMAL.to_string() + "[local]\nlisten = \"localhost\"\n",
                 "local.listen",
             ),
+            (
+                MINIMAL.to_string() + "[local]\nlisten_v5 = \"localhost:1884\"\n",
+                "local.listen_v5",
+            ),
+            (
+                MINIMAL.to_string() + "[telemetry]\nmetrics_listen = \"gw.local:9880\"\n",
+                "telemetry.metrics_listen",
+            ),
+            // Too large for any TOML integer: the parser reports it before serde knows the key.
+            (
+                upstream_plus("inflight = 99999999999999999999"),
+                "upstream.inflight",
+            ),
+            (
+                MINIMAL.to_string() + "[[route]]\nfrom = \"a\"\nqos = 99999999999999999999\n",
+                "route[1].qos",
+            ),
+            (
+                MINIMAL.to_string() + "[dedup]\nmax_keys = 99999999999999999999\n",
+                "dedup.max_keys",
+            ),
             (MINIMAL.to_string() + "[store2]\n", "store2"),
             (
                 MINIMAL.to_string() + "[local]\nbuffer = \"2MiB\"\n",
@@ -793,6 +862,11 @@ from = "devices/#"
             ),
             (
                 MINIMAL.to_string() + "[telemetry]\nlog_level = \"loud[\"\n",
+                "telemetry.log_level",
+            ),
+            // Parses as a filter for a module named "verbose": the daemon would log nothing.
+            (
+                MINIMAL.to_string() + "[telemetry]\nlog_level = \"verbose\"\n",
                 "telemetry.log_level",
             ),
             (

@@ -25,6 +25,11 @@
 //!   truncated, deleted or "repaired" here.
 //! - **Dedup.** Ingest dedup keys live in `dedup` and are written in the same transaction as the
 //!   message they admitted, so after a crash a key is remembered iff its message was committed.
+//!   The window is measured on [`WindowClock`] (wall clock at open, advanced monotonically), so a
+//!   wall-clock step while running neither extends nor shortens it. At open, keys stamped after
+//!   the start-up time (the clock was ahead when they were stored) are re-stamped to it: a key
+//!   outlives its window by at most one window. Beyond `dedup_max_keys`, keys are forgotten in
+//!   the order they were admitted (`ord`), never by stamp.
 
 mod schema;
 
@@ -37,9 +42,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{oneshot, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::SyncMode;
+use crate::dedup::{SuppressedLog, WindowClock};
 use crate::telemetry::Metrics;
 
 pub use schema::SCHEMA_VERSION;
@@ -225,6 +231,9 @@ impl Store {
         let dedup_keys: i64 = conn
             .query_row("SELECT count(*) FROM dedup", [], |r| r.get(0))
             .map_err(|e| schema::classify(path, e))?;
+        let clock = WindowClock::start(now_ms());
+        restamp_future_keys(&conn, clock.now_ms(), &metrics)
+            .map_err(|e| schema::classify(path, e))?;
         metrics.queue_depth.set(depth);
         metrics.dead_letters.set(dead as u64);
         if depth > 0 {
@@ -247,8 +256,15 @@ impl Store {
             depth,
             dead_letters: dead as u64,
             dedup_keys: dedup_keys as u64,
+            clock,
+            suppressed: SuppressedLog::new(SUPPRESSED_LOG_EVERY),
             last_maintenance: Instant::now(),
         };
+        // A store opened after a step of the clock may hold more than max_keys, or keys whose
+        // window ended while it was closed: forget them before the first lookup, not 10 s later.
+        if let Err(e) = worker.prune_dedup() {
+            warn!(error = %e, "store: dedup pruning failed; will retry");
+        }
         let thread = std::thread::Builder::new()
             .name("edgeferry-store".into())
             .spawn(move || worker.run())
@@ -419,6 +435,10 @@ struct Worker {
     depth: u64,
     dead_letters: u64,
     dedup_keys: u64,
+    /// What the dedup window is measured on (never the wall clock directly).
+    clock: WindowClock,
+    /// Throttles the INFO line about suppressed duplicates.
+    suppressed: SuppressedLog,
     last_maintenance: Instant,
 }
 
@@ -435,6 +455,25 @@ struct Committed {
 
 /// How often idle maintenance (dedup window pruning) runs.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(10);
+
+/// At most one INFO summary of suppressed duplicates per this long (each is logged at debug).
+const SUPPRESSED_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Re-stamp dedup keys stamped after `now_ms` to `now_ms`. Such keys were stored while the clock
+/// was ahead of today's (a gateway without a real-time clock that booted with a time in the
+/// future, then stepped back): left alone, they would suppress their keys until the clock caught
+/// up, for as long as the step. Re-stamped, they expire one window from now.
+fn restamp_future_keys(conn: &Connection, now_ms: i64, metrics: &Metrics) -> rusqlite::Result<()> {
+    let n = conn.execute("UPDATE dedup SET seen_ms = ?1 WHERE seen_ms > ?1", [now_ms])?;
+    if n > 0 {
+        metrics.ingest_dedup_restamped.add(n as u64);
+        warn!(
+            keys = n,
+            "store: dedup keys were stamped later than the clock says it is now (the clock was ahead when they were stored, or is behind now); they are re-stamped to now and expire within one [dedup] window"
+        );
+    }
+    Ok(())
+}
 
 impl Worker {
     /// The next command, answering liveness probes while waiting for it.
@@ -539,6 +578,11 @@ impl Worker {
                 if let Some(key) = &msg.dedup_key {
                     if self.is_duplicate(key) {
                         self.metrics.ingest_duplicates.inc();
+                        debug!(topic = ?msg.topic, key = %key.escape_ascii(),
+                            "ingest dedup: duplicate acknowledged, not queued again (its key was committed within [dedup] window)");
+                        if let Some(s) = self.suppressed.record(Instant::now(), &msg.topic) {
+                            self.log_suppressed(s);
+                        }
                         if let Some(done) = msg.done {
                             let _ = done.send(Enqueued::Duplicate);
                         }
@@ -592,7 +636,7 @@ impl Worker {
         if self.pending_keys.contains(key) {
             return true;
         }
-        let horizon = now_ms() - self.options.dedup_window.as_millis() as i64;
+        let horizon = self.clock.now_ms() - self.options.dedup_window.as_millis() as i64;
         match self
             .conn
             .prepare_cached("SELECT seen_ms FROM dedup WHERE key = ?1")
@@ -720,6 +764,8 @@ impl Worker {
     /// One transaction for the whole buffer; returns the seq of each insert, in buffer order.
     fn try_commit(&mut self) -> rusqlite::Result<Committed> {
         let now = now_ms();
+        // Dedup stamps come from the window's clock, not the wall clock (see `WindowClock`).
+        let seen = self.clock.now_ms();
         let tx = self.conn.transaction()?;
         let mut done = Committed::default();
         {
@@ -739,7 +785,7 @@ impl Worker {
                         insert.execute(params![m.topic, &m.payload[..], now])?;
                         done.seqs.push(tx.last_insert_rowid());
                         if let Some(k) = &m.dedup_key {
-                            remember.execute(params![k, now])?;
+                            remember.execute(params![k, seen])?;
                         }
                     }
                     Write::Ack(seq) => {
@@ -794,11 +840,15 @@ impl Worker {
         }
     }
 
-    /// Forget dedup keys outside the window: by age, then the oldest beyond `dedup_max_keys`.
+    /// Forget dedup keys outside the window: by age, then the earliest admitted beyond
+    /// `dedup_max_keys`; and log the summary of suppressed duplicates when one is due.
     /// `dedup_keys` is an upper estimate (a replaced key counts twice), so the exact count, a
     /// scan, is taken only when the estimate says the limit may be exceeded.
     fn maintenance(&mut self) {
         self.last_maintenance = Instant::now();
+        if let Some(s) = self.suppressed.due(self.last_maintenance) {
+            self.log_suppressed(s);
+        }
         if let Err(e) = self.prune_dedup() {
             warn!(error = %e, "store: dedup pruning failed; will retry");
         }
@@ -807,11 +857,20 @@ impl Worker {
         }
     }
 
+    fn log_suppressed(&self, s: crate::dedup::Suppressed) {
+        info!(
+            suppressed = s.count,
+            last_topic = ?s.last_topic,
+            window = ?self.options.dedup_window,
+            "ingest dedup: messages acknowledged but not queued again, because their dedup key was committed within [dedup] window (at most one such line a minute)"
+        );
+    }
+
     fn prune_dedup(&mut self) -> rusqlite::Result<()> {
         if self.dedup_keys == 0 {
             return Ok(());
         }
-        let horizon = now_ms() - self.options.dedup_window.as_millis() as i64;
+        let horizon = self.clock.now_ms() - self.options.dedup_window.as_millis() as i64;
         let aged = self
             .conn
             .execute("DELETE FROM dedup WHERE seen_ms < ?1", [horizon])?;
@@ -823,7 +882,8 @@ impl Worker {
             let excess = n - self.options.dedup_max_keys as i64;
             if excess > 0 {
                 self.conn.execute(
-                    "DELETE FROM dedup WHERE key IN (SELECT key FROM dedup ORDER BY seen_ms LIMIT ?1)",
+                    // Admission order, not stamp order: see `WindowClock`.
+                    "DELETE FROM dedup WHERE ord IN (SELECT ord FROM dedup ORDER BY ord LIMIT ?1)",
                     [excess],
                 )?;
             }

@@ -13,7 +13,7 @@ pub const APPLICATION_ID: i64 = 0x4546_5259;
 /// The schema this build writes. `MIGRATIONS[i]` takes a store from version i to i + 1.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     // 0 -> 1: the initial schema.
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
      CREATE TABLE messages (
@@ -32,6 +32,19 @@ const MIGRATIONS: &[&str] = &[
          failed_ms INTEGER NOT NULL,
          reason TEXT NOT NULL
      );",
+    // 1 -> 2: dedup keys remember the order they were admitted in (`ord`, the rowid), and
+    // eviction beyond dedup.max_keys follows it instead of `seen_ms`: a wall clock that stepped
+    // back would otherwise make fresh keys look older than stale ones. Existing keys keep the
+    // order of their stamps, the best that is known about them.
+    "CREATE TABLE dedup_v2 (
+         ord INTEGER PRIMARY KEY,
+         key BLOB NOT NULL UNIQUE,
+         seen_ms INTEGER NOT NULL
+     );
+     INSERT INTO dedup_v2 (key, seen_ms) SELECT key, seen_ms FROM dedup ORDER BY seen_ms, key;
+     DROP TABLE dedup;
+     ALTER TABLE dedup_v2 RENAME TO dedup;
+     CREATE INDEX dedup_by_age ON dedup (seen_ms);",
 ];
 
 /// Map an SQLite error to what the operator needs to know.
@@ -118,6 +131,28 @@ fn identity(path: &Path, conn: &Connection) -> Result<(bool, i64), StoreError> {
     Ok((fresh, version))
 }
 
+/// Create the store file, if absent, readable and writable by its owner only, whatever the
+/// umask: the queue holds every device's payloads. SQLite gives the `-wal` and `-shm` files it
+/// creates beside it the database file's permissions, so they are 0600 too. An existing file
+/// keeps the mode its operator gave it.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        // Empty: SQLite initialises it as a new database.
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Open {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        }),
+    }
+}
+
 /// Open or create the store at `path`, refusing anything that is not ours.
 pub fn open(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -129,6 +164,7 @@ pub fn open(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
         }
     }
     inspect(path)?;
+    create_private(path)?;
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE

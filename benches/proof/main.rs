@@ -281,6 +281,18 @@ fn account(
     r.rss_kib = s1.rss_kib;
     r.hwm_kib = s1.hwm_kib;
     r.m("ingest_ack_s", p.ack_s);
+    if let Some(v) = p.puback_p50_ms {
+        r.m("puback_p50_ms", v);
+    }
+    if let Some(v) = p.puback_p99_ms {
+        r.m("puback_p99_ms", v);
+    }
+    if p.acked > 0 {
+        r.m(
+            "ctxsw_per_msg",
+            s1.ctxsw.saturating_sub(s0.ctxsw) as f64 / p.acked as f64,
+        );
+    }
     r.m("publisher_conn_errors", p.conn_errors as f64);
     r.m(
         "subscriber_conn_errors",

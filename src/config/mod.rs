@@ -5,6 +5,7 @@
 //! file, the key and the problem, e.g.
 //! `/etc/edgeferry/edgeferry.toml: upstream.protocol: unknown variant "v4", expected "v5" or "v3.1.1" (line 14)`.
 
+mod security;
 pub mod serial;
 pub mod units;
 
@@ -102,6 +103,15 @@ pub struct Local {
     pub buffer: Option<toml::Value>,
     /// Removed: back-pressure is how the ingress always works. Refused with an explanation.
     pub backpressure: Option<toml::Value>,
+    /// Mosquitto password file (`$7$` and `$6$` lines; `edgeferry passwd` writes one). Reloaded
+    /// on SIGHUP. Default: none (user names are not verified).
+    pub password_file: Option<PathBuf>,
+    /// Whether devices without a user name may connect. Must be set explicitly when
+    /// `password_file` or `acl_file` is set; otherwise defaults to true.
+    pub allow_anonymous: Option<bool>,
+    /// Mosquitto ACL file (`user`, `topic`, `pattern`). Reloaded on SIGHUP. Default: none
+    /// (every device may publish and subscribe to everything).
+    pub acl_file: Option<PathBuf>,
 }
 
 impl Default for Local {
@@ -117,6 +127,9 @@ impl Default for Local {
             max_connections_per_address: 64,
             buffer: None,
             backpressure: None,
+            password_file: None,
+            allow_anonymous: None,
+            acl_file: None,
         }
     }
 }
@@ -461,6 +474,7 @@ impl Config {
         if self.local.max_connections == 0 {
             return Err(bad("local.max_connections", "must be at least 1".into()));
         }
+        security::validate(&self.local, &bad)?;
         if Some(self.local.listen) == self.local.listen_v5 {
             return Err(bad(
                 "local.listen_v5",

@@ -481,3 +481,83 @@ fn acl_pattern_is_per_client_id() {
     let queued = queued_payloads(&d.db_path());
     assert_eq!(queued, vec![b"{\"id\":1}".to_vec()]);
 }
+
+/// SIGHUP reloads the password and ACL files; a new file with a bad line keeps the old one in
+/// force and logs an ERROR naming the line. A group/world-readable password file is warned about.
+#[test]
+fn sighup_reloads_files_and_keeps_the_old_one_when_the_new_is_invalid() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("passwd");
+    mosquitto_passwd(&pw, "alice", "a");
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let acl = dir.path().join("acl");
+    std::fs::write(&acl, "user alice\ntopic write devices/alice/#\n").unwrap();
+    let d = daemon(
+        dir.path(),
+        format!(
+            "password_file = \"{}\"\nacl_file = \"{}\"\nallow_anonymous = false\n",
+            pw.display(),
+            acl.display()
+        ),
+    );
+    assert!(d.log_text().contains("readable by group or others"));
+    assert_eq!(
+        connect(d.local, "c", false, Some("carol"), Some("c")).1,
+        0x04
+    );
+    let (mut alice, _) = connect(d.local_v5, "a1", true, Some("alice"), Some("a"));
+    alice.send(&publish_frame(b"devices/other/x", b"1", 1, 1, true, &[]));
+    assert!(matches!(alice.read(SHORT), Got::Packet(p) if reason(&p) == 0x87));
+
+    let metric = |name: &str| {
+        scrape(d.metrics)
+            .and_then(|m| m.get(name).copied())
+            .unwrap_or(0)
+    };
+    let hup = || {
+        let pid = d.pid().unwrap().to_string();
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    mosquitto_passwd(&pw, "carol", "c");
+    std::fs::write(&acl, "user alice\ntopic write devices/#\n").unwrap();
+    hup();
+    wait_for("reload", SHORT, || {
+        (metric("edgeferry_security_reloads_total{result=\"ok\"}") == 1).then_some(())
+    });
+    assert_eq!(connect(d.local, "c", false, Some("carol"), Some("c")).1, 0);
+    // The open connection uses the new ACL from its next packet.
+    alice.send(&publish_frame(b"devices/other/x", b"2", 1, 2, true, &[]));
+    assert!(matches!(alice.read(SHORT), Got::Packet(p) if reason(&p) == 0));
+
+    std::fs::write(&pw, "alice:$7$101$broken\n").unwrap();
+    std::fs::write(&acl, "user alice\ntopic write devices/#\nbogus line\n").unwrap();
+    hup();
+    wait_for("refused reload", SHORT, || {
+        (metric("edgeferry_security_reloads_total{result=\"invalid\"}") == 1).then_some(())
+    });
+    let log = d.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("passwd:1:")),
+        "{log}"
+    );
+    assert!(log
+        .lines()
+        .any(|l| l.contains("ERROR") && l.contains("acl:3:")));
+    assert_eq!(
+        connect(d.local, "c2", false, Some("carol"), Some("c")).1,
+        0,
+        "the previous password file stays in force"
+    );
+    alice.send(&publish_frame(b"devices/other/x", b"3", 1, 3, true, &[]));
+    assert!(matches!(alice.read(SHORT), Got::Packet(p) if reason(&p) == 0));
+    assert!(
+        scrape(d.metrics).is_some(),
+        "still running after two SIGHUPs"
+    );
+}

@@ -561,3 +561,62 @@ fn sighup_reloads_files_and_keeps_the_old_one_when_the_new_is_invalid() {
         "still running after two SIGHUPs"
     );
 }
+
+/// Memory a device could make the broker or the ingress hold, bounded at CI scale: long client
+/// ids are refused (0x02 / v5 0x85), subscriptions beyond the cap and over-long filters get
+/// failure codes, deep topics get PUBACK 0x90, unreleased QoS 2 publishes beyond the cap close
+/// the connection; each counted, and a good device keeps flowing.
+#[test]
+fn per_device_memory_limits_refuse_and_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(
+        dir.path(),
+        "max_client_id_len = 16\nmax_subscriptions = 3\nmax_topic_levels = 4\nmax_qos2_inflight = 5\n"
+            .into(),
+    );
+    let long = "x".repeat(17);
+    assert_eq!(connect(d.local, &long, false, None, None).1, 0x02);
+    assert_eq!(connect(d.local_v5, &long, true, None, None).1, 0x85);
+    let (mut dev, _) = connect(d.local_v5, "subber", true, None, None);
+    dev.send(&subscribe_frame(
+        1,
+        &["a/1", "a/2", "a/3", "a/4", "a/b/c/d/e"],
+        true,
+    ));
+    match dev.read(SHORT) {
+        Got::Packet(p) => assert_eq!(suback_codes(&p, true), vec![1, 1, 1, 0x97, 0x97]),
+        other => panic!("{other:?}"),
+    }
+    dev.send(&publish_frame(b"devices/a/b/c/d", b"deep", 1, 2, true, &[]));
+    assert!(matches!(dev.read(SHORT), Got::Packet(p) if reason(&p) == 0x90));
+    let (mut q2, _) = connect(d.local_v5, "q2", true, None, None);
+    for pkid in 1..=6u16 {
+        q2.send(&publish_frame(
+            b"devices/q2",
+            b"{\"id\":0}",
+            2,
+            pkid,
+            true,
+            &[],
+        ));
+    }
+    assert!(
+        q2.closed_within(SHORT),
+        "the 6th unreleased QoS 2 publish closes"
+    );
+    let (mut good, c) = connect(d.local_v5, "good", true, None, None);
+    assert_eq!(c, 0);
+    good.send(&publish_frame(
+        b"devices/good",
+        b"{\"id\":1}",
+        1,
+        1,
+        true,
+        &[],
+    ));
+    assert!(matches!(good.read(SHORT), Got::Packet(p) if reason(&p) == 0));
+    assert_eq!(refused(&d, "client-id-length"), 2);
+    assert_eq!(refused(&d, "subscriptions"), 1);
+    assert_eq!(refused(&d, "topic-size"), 2);
+    assert_eq!(refused(&d, "qos2-inflight"), 1);
+}

@@ -112,6 +112,16 @@ pub struct Local {
     /// Mosquitto ACL file (`user`, `topic`, `pattern`). Reloaded on SIGHUP. Default: none
     /// (every device may publish and subscribe to everything).
     pub acl_file: Option<PathBuf>,
+    /// Longest client id accepted; longer ones get CONNACK "identifier rejected". Default 128.
+    pub max_client_id_len: usize,
+    /// Longest topic name or filter, in bytes. Default 1024.
+    pub max_topic_len: usize,
+    /// Most levels in a topic name or filter. Default 16.
+    pub max_topic_levels: usize,
+    /// Most subscriptions one connection may add. Default 64.
+    pub max_subscriptions: usize,
+    /// Most QoS 2 publishes one connection may have awaiting PUBREL. Default 32.
+    pub max_qos2_inflight: usize,
 }
 
 impl Default for Local {
@@ -130,6 +140,11 @@ impl Default for Local {
             password_file: None,
             allow_anonymous: None,
             acl_file: None,
+            max_client_id_len: 128,
+            max_topic_len: 1024,
+            max_topic_levels: 16,
+            max_subscriptions: 64,
+            max_qos2_inflight: 32,
         }
     }
 }

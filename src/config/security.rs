@@ -21,5 +21,16 @@ pub(super) fn validate(
             "false needs local.password_file: otherwise no device could connect".into(),
         ));
     }
+    for (key, v) in [
+        ("local.max_client_id_len", local.max_client_id_len),
+        ("local.max_topic_len", local.max_topic_len),
+        ("local.max_topic_levels", local.max_topic_levels),
+        ("local.max_subscriptions", local.max_subscriptions),
+        ("local.max_qos2_inflight", local.max_qos2_inflight),
+    ] {
+        if v == 0 || v > 65535 {
+            return Err(bad(key, "must be between 1 and 65535".into()));
+        }
+    }
     Ok(())
 }

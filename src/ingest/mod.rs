@@ -6,6 +6,7 @@ pub mod acl;
 pub mod auth;
 pub mod broker;
 pub mod frame;
+pub mod limits;
 pub mod mqtt;
 pub mod security;
 pub mod serial;

@@ -48,6 +48,7 @@ use crate::service::systemd::{answer, ProbeRx};
 use crate::telemetry::{IngressRefusal, Metrics, SecurityRefusal};
 
 use super::frame::{self, Kind};
+use super::limits::Limits;
 use super::security::{self, Grant, Security};
 
 /// Why the local side could not start.
@@ -129,6 +130,7 @@ struct Shared {
     logs: RefusalLogs,
     /// Passwords and ACLs (reloaded on SIGHUP through [`Ingress::security`]).
     security: Arc<Security>,
+    limits: Limits,
 }
 
 impl Ingress {
@@ -173,6 +175,7 @@ impl Ingress {
                 live: Live::default(),
                 logs: RefusalLogs::default(),
                 security,
+                limits: Limits::from_config(l),
             }),
         })
     }
@@ -561,18 +564,27 @@ impl<'a> Session<'a> {
         let client_id = connect.client_id.clone();
         // Credentials and the will's topic are decided here; a refused CONNECT never reaches
         // the broker.
-        let grant = match shared
-            .security
-            .admit(
-                &client_id,
-                &peer.to_string(),
-                login.as_ref().map(|l| l.username.as_str()),
-                login.as_ref().map(|l| l.password.as_bytes()),
-                will.as_ref()
-                    .and_then(|w| std::str::from_utf8(&w.topic).ok()),
-            )
-            .await
-        {
+        let admitted = match shared.limits.check_client_id(&client_id) {
+            Err(detail) => {
+                let why = SecurityRefusal::ClientIdLength;
+                shared.security.refuse(why, "", &peer.to_string(), &detail);
+                Err(protocol::ConnectReturnCode::ClientIdentifierNotValid)
+            }
+            Ok(()) => {
+                shared
+                    .security
+                    .admit(
+                        &client_id,
+                        &peer.to_string(),
+                        login.as_ref().map(|l| l.username.as_str()),
+                        login.as_ref().map(|l| l.password.as_bytes()),
+                        will.as_ref()
+                            .and_then(|w| std::str::from_utf8(&w.topic).ok()),
+                    )
+                    .await
+            }
+        };
+        let grant = match admitted {
             Ok(g) => g,
             Err(code) => {
                 let mut out = BytesMut::new();
@@ -837,8 +849,28 @@ impl<'a> Session<'a> {
         let peer = self.peer.to_string();
         let mut refused = Vec::new();
         let mut kept = Vec::with_capacity(s.filters.len());
+        let limits = self.shared.limits;
         for (i, f) in std::mem::take(&mut s.filters).into_iter().enumerate() {
-            if self.grant.may_subscribe(security, &f.path) {
+            let limited = if let Err(d) = limits.check_topic(&f.path) {
+                Some((SecurityRefusal::TopicSize, d))
+            } else if self.subscribed.len() + kept.len() >= limits.max_subscriptions {
+                let d = format!(
+                    "more than local.max_subscriptions = {}",
+                    limits.max_subscriptions
+                );
+                Some((SecurityRefusal::Subscriptions, d))
+            } else {
+                None
+            };
+            if let Some((why, detail)) = limited {
+                security.refuse(why, &self.client_id, &peer, &detail);
+                let code = if self.proto == Proto::V5 {
+                    SubscribeReasonCode::QuotaExceeded
+                } else {
+                    SubscribeReasonCode::Failure
+                };
+                refused.push((i, code));
+            } else if self.grant.may_subscribe(security, &f.path) {
                 kept.push(f);
             } else {
                 security.refuse(
@@ -957,6 +989,30 @@ impl<'a> Session<'a> {
                 );
             }
         };
+        if let Err(detail) = self.shared.limits.check_topic(&topic) {
+            let peer = self.peer.to_string();
+            let why = SecurityRefusal::TopicSize;
+            self.shared
+                .security
+                .refuse(why, &self.client_id, &peer, &detail);
+            return self.refuse_publish(qos, pkid, PubAckReason::TopicNameInvalid, &detail);
+        }
+        if qos == 2
+            && !self.qos2.contains(&pkid)
+            && self.qos2.len() >= self.shared.limits.max_qos2_inflight
+        {
+            // The device exceeded the receive maximum it was given: MQTT says disconnect.
+            let detail = format!(
+                "more than local.max_qos2_inflight = {} QoS 2 publishes awaiting PUBREL",
+                self.shared.limits.max_qos2_inflight
+            );
+            let peer = self.peer.to_string();
+            let why = SecurityRefusal::Qos2Inflight;
+            self.shared
+                .security
+                .refuse(why, &self.client_id, &peer, &detail);
+            return Err(SessionError::Refused(detail));
+        }
         if !self.grant.may_publish(&self.shared.security, &topic) {
             return self.denied_publish(qos, pkid, &topic);
         }

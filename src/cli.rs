@@ -1,4 +1,7 @@
-//! Command line: `edgeferry run|check --config FILE`, `edgeferry --version`.
+//! Command line: `edgeferry run|check --config FILE`, `edgeferry passwd FILE USER`,
+//! `edgeferry --version`.
+
+pub mod passwd;
 
 use std::path::PathBuf;
 
@@ -28,6 +31,20 @@ pub enum Command {
         /// Configuration file (TOML).
         #[arg(long, short, default_value = "/etc/edgeferry/edgeferry.toml")]
         config: PathBuf,
+    },
+    /// Add or update a user in a Mosquitto-compatible password file ($7$ PBKDF2-SHA512), or
+    /// delete one with -D. The file is created (mode 600) when missing.
+    Passwd {
+        /// Password file (local.password_file).
+        file: PathBuf,
+        /// User name.
+        user: String,
+        /// Delete the user instead.
+        #[arg(short = 'D', long = "delete")]
+        delete: bool,
+        /// Read the password from the first line of standard input instead of prompting.
+        #[arg(long)]
+        password_stdin: bool,
     },
 }
 

@@ -7,6 +7,15 @@ use edgeferry::config::Config;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Passwd {
+            file,
+            user,
+            delete,
+            password_stdin,
+        } => match edgeferry::cli::passwd::run(&file, &user, delete, password_stdin) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(line) => fail(EXIT_FAILURE, &line),
+        },
         Command::Check { config } => match load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
@@ -47,6 +56,8 @@ fn main() -> ExitCode {
 /// Parse and validate, including the TLS files (so `check` catches a bad certificate).
 fn load(path: &std::path::Path) -> Result<Config, String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
+    edgeferry::ingest::security::check_files(&config.local)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     if config.upstream.tls {
         edgeferry::forward::client::tls_config(&config)
             .map_err(|e| format!("{}: {e}", path.display()))?;

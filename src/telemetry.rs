@@ -97,6 +97,116 @@ impl IngressRefusal {
     }
 }
 
+/// Why local security refused a device or one of its packets
+/// (`edgeferry_security_refused_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SecurityRefusal {
+    /// Unknown user or wrong password.
+    BadCredentials,
+    /// No user name while `local.allow_anonymous = false`.
+    Anonymous,
+    /// A publish outside the device's write rights (never queued).
+    AclPublish,
+    /// A subscription outside the device's read rights.
+    AclSubscribe,
+    /// A will on a topic outside the device's write rights.
+    AclWill,
+    /// A client id longer than `local.max_client_id_len`.
+    ClientIdLength,
+    /// A topic longer than `local.max_topic_len` or with more levels than `local.max_topic_levels`.
+    TopicSize,
+    /// User properties above `local.max_user_property_bytes`.
+    UserProperties,
+    /// Subscriptions above `local.max_subscriptions`.
+    Subscriptions,
+    /// QoS 2 publishes not yet released above `local.max_qos2_inflight`.
+    Qos2Inflight,
+    /// Retained messages above `local.max_retained` or `local.max_retained_bytes`.
+    Retained,
+    /// Publishes faster than `local.max_rate` allows (the device is slowed down, then counted).
+    Rate,
+    /// A keepalive above `local.max_keepalive` (capped, v5 told so; v3.1.1 refused).
+    KeepAlive,
+    /// A TLS handshake that failed (bad or expired client certificate, wrong CA, not TLS).
+    TlsHandshake,
+}
+
+impl SecurityRefusal {
+    pub const ALL: [SecurityRefusal; 14] = [
+        SecurityRefusal::BadCredentials,
+        SecurityRefusal::Anonymous,
+        SecurityRefusal::AclPublish,
+        SecurityRefusal::AclSubscribe,
+        SecurityRefusal::AclWill,
+        SecurityRefusal::ClientIdLength,
+        SecurityRefusal::TopicSize,
+        SecurityRefusal::UserProperties,
+        SecurityRefusal::Subscriptions,
+        SecurityRefusal::Qos2Inflight,
+        SecurityRefusal::Retained,
+        SecurityRefusal::Rate,
+        SecurityRefusal::KeepAlive,
+        SecurityRefusal::TlsHandshake,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecurityRefusal::BadCredentials => "bad-credentials",
+            SecurityRefusal::Anonymous => "anonymous",
+            SecurityRefusal::AclPublish => "acl-publish",
+            SecurityRefusal::AclSubscribe => "acl-subscribe",
+            SecurityRefusal::AclWill => "acl-will",
+            SecurityRefusal::ClientIdLength => "client-id-length",
+            SecurityRefusal::TopicSize => "topic-size",
+            SecurityRefusal::UserProperties => "user-properties",
+            SecurityRefusal::Subscriptions => "subscriptions",
+            SecurityRefusal::Qos2Inflight => "qos2-inflight",
+            SecurityRefusal::Retained => "retained",
+            SecurityRefusal::Rate => "rate",
+            SecurityRefusal::KeepAlive => "keepalive",
+            SecurityRefusal::TlsHandshake => "tls-handshake",
+        }
+    }
+}
+
+/// Denied publishes per client id, for `edgeferry_acl_denied_publishes_total{client}`. Bounded:
+/// beyond [`PerClient::CAP`] distinct clients the rest are summed under `client="(other)"`, so
+/// a device cycling client ids cannot grow the metrics.
+#[derive(Debug, Default)]
+pub struct PerClient {
+    counts: std::sync::Mutex<(std::collections::BTreeMap<String, u64>, u64)>,
+}
+
+impl PerClient {
+    pub const CAP: usize = 256;
+
+    pub fn inc(&self, client: &str) {
+        let mut g = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let (map, other) = &mut *g;
+        if let Some(n) = map.get_mut(client) {
+            *n += 1;
+        } else if map.len() < Self::CAP {
+            map.insert(client.to_string(), 1);
+        } else {
+            *other += 1;
+        }
+    }
+
+    fn render(&self, name: &str, out: &mut String) {
+        let g = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        for (client, n) in &g.0 {
+            let escaped = client
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            let _ = writeln!(out, "{name}{{client=\"{escaped}\"}} {n}");
+        }
+        if g.1 > 0 {
+            let _ = writeln!(out, "{name}{{client=\"(other)\"}} {}", g.1);
+        }
+    }
+}
+
 /// Log-linear histogram of durations in microseconds: 8 sub-buckets per power of two, so any
 /// quantile is within 12.5% of the true value; fixed memory, lock-free recording.
 #[derive(Debug)]
@@ -220,6 +330,14 @@ pub struct Metrics {
     pub ingest_dedup_key_missing: Counter,
     /// Devices or packets the MQTT ingress refused, by [`IngressRefusal`].
     pub ingress_refused: [Counter; 9],
+    /// Devices or packets refused by local security (auth, ACL, limits), by [`SecurityRefusal`].
+    pub security_refused: [Counter; SecurityRefusal::ALL.len()],
+    /// Publishes denied by the ACL, by client id (bounded, see [`PerClient`]).
+    pub acl_denied_publishes: PerClient,
+    /// Password and ACL files reloaded on SIGHUP.
+    pub security_reloads: Counter,
+    /// SIGHUP reloads refused because a new file was invalid (the old one stays in force).
+    pub security_reload_errors: Counter,
     /// Device publishes refused for their topic, by `route::TopicError` (declaration order).
     pub ingress_invalid_topics: [Counter; 5],
     /// Device publishes that matched no route (acknowledged, not queued).
@@ -430,6 +548,19 @@ impl Metrics {
                 c.get()
             );
         }
+        let _ = writeln!(out, "# HELP edgeferry_security_refused_total Devices or packets refused by local security (password, ACL, limits, TLS), by reason\n# TYPE edgeferry_security_refused_total counter");
+        for (why, c) in SecurityRefusal::ALL.iter().zip(&self.security_refused) {
+            let _ = writeln!(
+                out,
+                "edgeferry_security_refused_total{{reason=\"{}\"}} {}",
+                why.as_str(),
+                c.get()
+            );
+        }
+        let _ = writeln!(out, "# HELP edgeferry_acl_denied_publishes_total Publishes the ACL denied, by client id (at most 256 ids, then \"(other)\")\n# TYPE edgeferry_acl_denied_publishes_total counter");
+        self.acl_denied_publishes
+            .render("edgeferry_acl_denied_publishes_total", &mut out);
+        let _ = writeln!(out, "# HELP edgeferry_security_reloads_total Password/ACL reloads on SIGHUP, by result\n# TYPE edgeferry_security_reloads_total counter\nedgeferry_security_reloads_total{{result=\"ok\"}} {}\nedgeferry_security_reloads_total{{result=\"invalid\"}} {}", self.security_reloads.get(), self.security_reload_errors.get());
         let _ = writeln!(out, "# HELP edgeferry_ingress_invalid_topics_total Device publishes refused for their topic name, by kind\n# TYPE edgeferry_ingress_invalid_topics_total counter");
         for (kind, c) in ["empty", "not-utf8", "wildcard", "nul", "too-long"]
             .iter()

@@ -5,6 +5,7 @@
 //! file, the key and the problem, e.g.
 //! `/etc/edgeferry/edgeferry.toml: upstream.protocol: unknown variant "v4", expected "v5" or "v3.1.1" (line 14)`.
 
+mod security;
 pub mod serial;
 pub mod units;
 
@@ -102,6 +103,25 @@ pub struct Local {
     pub buffer: Option<toml::Value>,
     /// Removed: back-pressure is how the ingress always works. Refused with an explanation.
     pub backpressure: Option<toml::Value>,
+    /// Mosquitto password file (`$7$` and `$6$` lines; `edgeferry passwd` writes one). Reloaded
+    /// on SIGHUP. Default: none (user names are not verified).
+    pub password_file: Option<PathBuf>,
+    /// Whether devices without a user name may connect. Must be set explicitly when
+    /// `password_file` or `acl_file` is set; otherwise defaults to true.
+    pub allow_anonymous: Option<bool>,
+    /// Mosquitto ACL file (`user`, `topic`, `pattern`). Reloaded on SIGHUP. Default: none
+    /// (every device may publish and subscribe to everything).
+    pub acl_file: Option<PathBuf>,
+    /// Longest client id accepted; longer ones get CONNACK "identifier rejected". Default 128.
+    pub max_client_id_len: usize,
+    /// Longest topic name or filter, in bytes. Default 1024.
+    pub max_topic_len: usize,
+    /// Most levels in a topic name or filter. Default 16.
+    pub max_topic_levels: usize,
+    /// Most subscriptions one connection may add. Default 64.
+    pub max_subscriptions: usize,
+    /// Most QoS 2 publishes one connection may have awaiting PUBREL. Default 32.
+    pub max_qos2_inflight: usize,
 }
 
 impl Default for Local {
@@ -117,6 +137,14 @@ impl Default for Local {
             max_connections_per_address: 64,
             buffer: None,
             backpressure: None,
+            password_file: None,
+            allow_anonymous: None,
+            acl_file: None,
+            max_client_id_len: 128,
+            max_topic_len: 1024,
+            max_topic_levels: 16,
+            max_subscriptions: 64,
+            max_qos2_inflight: 32,
         }
     }
 }
@@ -461,6 +489,7 @@ impl Config {
         if self.local.max_connections == 0 {
             return Err(bad("local.max_connections", "must be at least 1".into()));
         }
+        security::validate(&self.local, &bad)?;
         if Some(self.local.listen) == self.local.listen_v5 {
             return Err(bad(
                 "local.listen_v5",

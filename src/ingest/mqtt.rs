@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::{
     self, v4::V4, v5::V5, Packet, Protocol as _, PubAck, PubAckReason, PubComp, PubCompReason,
-    PubRec, PubRecReason, Publish, PublishProperties,
+    PubRec, PubRecReason, Publish, PublishProperties, SubscribeReasonCode,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -45,9 +45,11 @@ use crate::dedup;
 use crate::queue::{Enqueued, NewMessage, StoreHandle};
 use crate::route::{self, TopicFilter};
 use crate::service::systemd::{answer, ProbeRx};
-use crate::telemetry::{IngressRefusal, Metrics};
+use crate::telemetry::{IngressRefusal, Metrics, SecurityRefusal};
 
 use super::frame::{self, Kind};
+use super::limits::Limits;
+use super::security::{self, Grant, Security};
 
 /// Why the local side could not start.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +64,9 @@ pub enum IngestError {
     /// rumqttd refused its configuration or did not start.
     #[error("local broker: {0}")]
     Broker(String),
+    /// The password or ACL file could not be loaded.
+    #[error(transparent)]
+    Security(#[from] super::security::SecurityError),
 }
 
 /// Log lines about one kind of refusal, at most one per this period (with the count since).
@@ -123,6 +128,9 @@ struct Shared {
     per_address: Mutex<HashMap<IpAddr, usize>>,
     live: Live,
     logs: RefusalLogs,
+    /// Passwords and ACLs (reloaded on SIGHUP through [`Ingress::security`]).
+    security: Arc<Security>,
+    limits: Limits,
 }
 
 impl Ingress {
@@ -147,6 +155,7 @@ impl Ingress {
             listeners.push((key, listener, proto, internal));
         }
         let max_payload = l.max_payload.0 as usize;
+        let security = Arc::new(Security::load(l, metrics.clone())?);
         Ok(Ingress {
             listeners,
             shared: Arc::new(Shared {
@@ -165,8 +174,15 @@ impl Ingress {
                 per_address: Mutex::new(HashMap::new()),
                 live: Live::default(),
                 logs: RefusalLogs::default(),
+                security,
+                limits: Limits::from_config(l),
             }),
         })
+    }
+
+    /// Password and ACL checks, for reloading them (SIGHUP).
+    pub fn security(&self) -> Arc<Security> {
+        self.shared.security.clone()
     }
 
     /// Accept and serve devices until `shutdown`; then every session stops reading, waits for
@@ -502,6 +518,11 @@ struct Session<'a> {
     out: BytesMut,
     /// Bytes for the embedded broker.
     to_broker: BytesMut,
+    /// What local security granted this device.
+    grant: Grant,
+    /// SUBSCRIBE packet ids whose broker SUBACK needs the codes of refused filters put back in
+    /// (position, code); see [`security::splice_codes`].
+    suback_fixups: HashMap<u16, Vec<(usize, SubscribeReasonCode)>>,
 }
 
 impl<'a> Session<'a> {
@@ -541,6 +562,44 @@ impl<'a> Session<'a> {
             return Ok(());
         };
         let client_id = connect.client_id.clone();
+        // Credentials and the will's topic are decided here; a refused CONNECT never reaches
+        // the broker.
+        let admitted = match shared.limits.check_client_id(&client_id) {
+            Err(detail) => {
+                let why = SecurityRefusal::ClientIdLength;
+                shared.security.refuse(why, "", &peer.to_string(), &detail);
+                Err(protocol::ConnectReturnCode::ClientIdentifierNotValid)
+            }
+            Ok(()) => {
+                shared
+                    .security
+                    .admit(
+                        &client_id,
+                        &peer.to_string(),
+                        login.as_ref().map(|l| l.username.as_str()),
+                        login.as_ref().map(|l| l.password.as_bytes()),
+                        will.as_ref()
+                            .and_then(|w| std::str::from_utf8(&w.topic).ok()),
+                    )
+                    .await
+            }
+        };
+        let grant = match admitted {
+            Ok(g) => g,
+            Err(code) => {
+                let mut out = BytesMut::new();
+                let connack = protocol::ConnAck {
+                    session_present: false,
+                    code,
+                };
+                proto
+                    .write(Packet::ConnAck(connack, None), &mut out)
+                    .map_err(|e| SessionError::Refused(format!("encoding CONNACK: {e}")))?;
+                device.write_all(&out).await?;
+                let _ = device.shutdown().await;
+                return Ok(());
+            }
+        };
         let keep_alive = connect.keep_alive;
         let clean = connect.clean_session;
         // The broker must not time the device out on its own: telemetry never reaches it, so the
@@ -587,6 +646,8 @@ impl<'a> Session<'a> {
             pending: VecDeque::new(),
             out,
             to_broker: BytesMut::new(),
+            grant,
+            suback_fixups: HashMap::new(),
         };
         shared.metrics.ingress_connections.add(1);
         let result = s
@@ -658,7 +719,11 @@ impl<'a> Session<'a> {
                     // Whole frames only, so acknowledgements are never spliced into a packet.
                     while let Some(h) = frame::header(&bbuf, usize::MAX).map_err(|e| SessionError::Refused(format!("broker framing: {e}")))? {
                         let f = bbuf.split_to(h.frame_len);
-                        self.out.extend_from_slice(&f);
+                        if h.kind == Kind::SubAck && !self.suback_fixups.is_empty() {
+                            self.fix_suback(f, &h)?;
+                        } else {
+                            self.out.extend_from_slice(&f);
+                        }
                     }
                 }
                 _ = timer => {
@@ -735,14 +800,8 @@ impl<'a> Session<'a> {
                         .proto
                         .read(inbuf, self.shared.max_frame)
                         .map_err(|e| self.malformed(e.to_string()))?;
-                    match packet {
-                        Packet::Subscribe(s, _) => {
-                            for f in &s.filters {
-                                if let Some(plain) = self.shared.subs.add(&f.path) {
-                                    self.subscribed.push(plain);
-                                }
-                            }
-                        }
+                    let relay = match packet {
+                        Packet::Subscribe(s, props) => self.subscribe(s, props, raw)?,
                         Packet::Unsubscribe(u, _) => {
                             for f in &u.filters {
                                 if let Some(i) = self.subscribed.iter().position(|s| s == f) {
@@ -750,10 +809,13 @@ impl<'a> Session<'a> {
                                     self.shared.subs.remove(&plain);
                                 }
                             }
+                            Some(raw)
                         }
-                        _ => {}
+                        _ => Some(raw),
+                    };
+                    if let Some(raw) = relay {
+                        self.to_broker.extend_from_slice(&raw);
                     }
-                    self.to_broker.extend_from_slice(&raw);
                 }
                 Kind::Disconnect => {
                     let raw = inbuf.split_to(h.frame_len);
@@ -771,6 +833,97 @@ impl<'a> Session<'a> {
                     return Err(self.malformed(format!("{:?} from a client", h.kind)));
                 }
             }
+        }
+    }
+
+    /// A device SUBSCRIBE: filters outside the device's read rights are answered with a
+    /// failure code (v3.1.1 0x80, v5 0x87) and never reach the broker. Returns the bytes to
+    /// relay, if any filter is left.
+    fn subscribe(
+        &mut self,
+        mut s: protocol::Subscribe,
+        props: Option<protocol::SubscribeProperties>,
+        raw: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, SessionError> {
+        let security = &self.shared.security;
+        let peer = self.peer.to_string();
+        let mut refused = Vec::new();
+        let mut kept = Vec::with_capacity(s.filters.len());
+        let limits = self.shared.limits;
+        for (i, f) in std::mem::take(&mut s.filters).into_iter().enumerate() {
+            let limited = if let Err(d) = limits.check_topic(&f.path) {
+                Some((SecurityRefusal::TopicSize, d))
+            } else if self.subscribed.len() + kept.len() >= limits.max_subscriptions {
+                let d = format!(
+                    "more than local.max_subscriptions = {}",
+                    limits.max_subscriptions
+                );
+                Some((SecurityRefusal::Subscriptions, d))
+            } else {
+                None
+            };
+            if let Some((why, detail)) = limited {
+                security.refuse(why, &self.client_id, &peer, &detail);
+                let code = if self.proto == Proto::V5 {
+                    SubscribeReasonCode::QuotaExceeded
+                } else {
+                    SubscribeReasonCode::Failure
+                };
+                refused.push((i, code));
+            } else if self.grant.may_subscribe(security, &f.path) {
+                kept.push(f);
+            } else {
+                security.refuse(
+                    SecurityRefusal::AclSubscribe,
+                    &self.client_id,
+                    &peer,
+                    &format!("subscription {:?} outside the device's read rights", f.path),
+                );
+                refused.push((i, security::refused_code(self.proto == Proto::V5)));
+            }
+        }
+        for f in &kept {
+            if let Some(plain) = self.shared.subs.add(&f.path) {
+                self.subscribed.push(plain);
+            }
+        }
+        if refused.is_empty() {
+            return Ok(Some(raw));
+        }
+        if kept.is_empty() {
+            let codes = refused.into_iter().map(|(_, c)| c).collect();
+            self.write(Packet::SubAck(
+                protocol::SubAck {
+                    pkid: s.pkid,
+                    return_codes: codes,
+                },
+                None,
+            ))?;
+            return Ok(None);
+        }
+        s.filters = kept;
+        self.suback_fixups.insert(s.pkid, refused);
+        let mut bytes = BytesMut::new();
+        self.proto
+            .write(Packet::Subscribe(s, props), &mut bytes)
+            .map_err(|e| SessionError::Refused(format!("re-encoding SUBSCRIBE: {e}")))?;
+        Ok(Some(bytes.to_vec()))
+    }
+
+    /// The broker's SUBACK for a SUBSCRIBE some of whose filters were refused: put their codes
+    /// back in place so the device sees one code per filter it sent.
+    fn fix_suback(&mut self, mut f: BytesMut, h: &frame::Header) -> Result<(), SessionError> {
+        let pkid = frame::ack_pkid(&f, h).unwrap_or(0);
+        let Some(refused) = self.suback_fixups.remove(&pkid) else {
+            self.out.extend_from_slice(&f);
+            return Ok(());
+        };
+        match self.proto.read(&mut f, usize::MAX) {
+            Ok(Packet::SubAck(mut ack, props)) => {
+                security::splice_codes(&mut ack.return_codes, refused);
+                self.write(Packet::SubAck(ack, props))
+            }
+            _ => Err(SessionError::Refused("broker SUBACK did not decode".into())),
         }
     }
 
@@ -836,6 +989,33 @@ impl<'a> Session<'a> {
                 );
             }
         };
+        if let Err(detail) = self.shared.limits.check_topic(&topic) {
+            let peer = self.peer.to_string();
+            let why = SecurityRefusal::TopicSize;
+            self.shared
+                .security
+                .refuse(why, &self.client_id, &peer, &detail);
+            return self.refuse_publish(qos, pkid, PubAckReason::TopicNameInvalid, &detail);
+        }
+        if qos == 2
+            && !self.qos2.contains(&pkid)
+            && self.qos2.len() >= self.shared.limits.max_qos2_inflight
+        {
+            // The device exceeded the receive maximum it was given: MQTT says disconnect.
+            let detail = format!(
+                "more than local.max_qos2_inflight = {} QoS 2 publishes awaiting PUBREL",
+                self.shared.limits.max_qos2_inflight
+            );
+            let peer = self.peer.to_string();
+            let why = SecurityRefusal::Qos2Inflight;
+            self.shared
+                .security
+                .refuse(why, &self.client_id, &peer, &detail);
+            return Err(SessionError::Refused(detail));
+        }
+        if !self.grant.may_publish(&self.shared.security, &topic) {
+            return self.denied_publish(qos, pkid, &topic);
+        }
         // v5: a payload that says it is UTF-8 must be.
         if props.as_ref().and_then(|p| p.payload_format_indicator) == Some(1)
             && std::str::from_utf8(&publish.payload).is_err()
@@ -1001,6 +1181,47 @@ impl<'a> Session<'a> {
                 waits: Vec::new(),
             }),
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// A publish outside the device's write rights is never queued, forwarded or fanned out.
+    /// It is answered as Mosquitto answers it: v5 PUBACK/PUBREC 0x87; v3.1.1 acknowledged (the
+    /// protocol has no refusal code) and dropped. Acknowledgements stay in order.
+    fn denied_publish(&mut self, qos: u8, pkid: u16, topic: &str) -> Result<(), SessionError> {
+        self.grant
+            .denied_publish(&self.shared.security, &self.peer.to_string(), topic);
+        let v5 = self.proto == Proto::V5;
+        let ack = match qos {
+            1 => Some(Ack::PubAck(
+                pkid,
+                if v5 {
+                    PubAckReason::NotAuthorized
+                } else {
+                    PubAckReason::Success
+                },
+            )),
+            2 => {
+                if !v5 {
+                    // The device's PUBREL completes the flow.
+                    self.qos2.insert(pkid);
+                }
+                Some(Ack::PubRec(
+                    pkid,
+                    if v5 {
+                        PubRecReason::NotAuthorized
+                    } else {
+                        PubRecReason::Success
+                    },
+                ))
+            }
+            _ => None,
+        };
+        if ack.is_some() {
+            self.pending.push_back(Pending {
+                ack,
+                waits: Vec::new(),
+            });
         }
         Ok(())
     }

@@ -85,6 +85,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         store.handle(),
         metrics.clone(),
     )?;
+    // SIGHUP reloads the password and ACL files (a bad file keeps the old one; see
+    // ingest::security). Installed now: SIGHUP's default action would end the daemon.
+    let security = ingress.security();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading local.password_file and local.acl_file");
+                    security.reload();
+                }
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP; security files will not reload")
+        }
+    }
     let metrics_task = match config.telemetry.metrics_listen {
         Some(addr) => {
             let listener = telemetry::bind_metrics(addr)

@@ -30,8 +30,11 @@ fn main() -> ExitCode {
                 Err(line) => return fail(EXIT_CONFIG, &line),
             };
             edgeferry::telemetry::init_logging(&config.telemetry.log_level);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+            // One thread for all async work (ingress, forwarder, serial ports, telemetry): the
+            // hot path is I/O readiness and hand-offs between tasks, which on one thread are
+            // plain function calls instead of cross-thread wakeups (context switches). SQLite
+            // has its own thread; CPU-heavy work (PBKDF2) goes to the blocking pool.
+            let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {

@@ -53,6 +53,10 @@ use crate::telemetry::{DeadLetterReason, Metrics};
 use backoff::Backoff;
 use client::{needs_operator, SessionError, Settings, UpClient, UpEvent};
 
+/// Batches of freshly committed rows the store may push ahead of the forwarder before it stops
+/// pushing and the forwarder reads them itself.
+const TAIL_BATCHES: usize = 16;
+
 /// How a session ended.
 enum End {
     /// Shutdown requested and handled.
@@ -304,7 +308,8 @@ impl Forwarder {
         suspect: &mut Option<Suspect>,
     ) -> End {
         let mut window = self.settings.window as usize;
-        let mut committed = self.store.committed();
+        // Once caught up, the store pushes freshly committed rows here instead of being asked.
+        let mut tail: Option<tokio::sync::mpsc::Receiver<Vec<Row>>> = None;
         let mut connected = false;
         // The upstream's maximum packet size (MQTT 5 CONNACK); with MQTT 3.1.1, the client's own
         // limit, which rumqttc enforces by failing the session.
@@ -331,17 +336,22 @@ impl Forwarder {
             let mut settling = false;
             if connected && draining.is_none() && !client_gone {
                 if more && ready.len() < window {
-                    committed.borrow_and_update();
-                    let rows = match self.store.fetch(cursor, prefetch - ready.len()).await {
+                    let (tail_tx, tail_rx) = tokio::sync::mpsc::channel(TAIL_BATCHES);
+                    let rows = match self
+                        .store
+                        .fetch_or_tail(cursor, prefetch - ready.len(), Some(tail_tx))
+                        .await
+                    {
                         Ok(rows) => rows,
                         Err(e) => {
                             error!(error = %e, "forwarder cannot read the store");
                             return End::StoreClosed;
                         }
                     };
-                    // Empty means caught up: wait for the next commit. (A short batch may be
-                    // cut by size, so only an empty one says so.)
+                    // Empty means caught up: the store now pushes each commit's rows into the
+                    // tail. (A short batch may be cut by size, so only an empty one says so.)
                     more = !rows.is_empty();
+                    tail = (!more).then_some(tail_rx);
                     if let Some(last) = rows.last() {
                         cursor = last.seq;
                     }
@@ -513,12 +523,24 @@ impl Forwarder {
                     Some(Err(error)) => return End::Failed { error, connected },
                     None => return End::Failed { error: SessionError::Ended("upstream event loop ended".into()), connected },
                 },
-                changed = committed.changed(), if !more => {
-                    if changed.is_err() {
-                        return End::StoreClosed;
+                batch = async {
+                    match tail.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => None,
                     }
-                    more = true;
-                }
+                }, if !more && ready.len() < window => match batch {
+                    Some(rows) => {
+                        if let Some(last) = rows.last() {
+                            cursor = last.seq;
+                        }
+                        ready.extend(rows);
+                    }
+                    // The store stopped pushing (we fell behind, or it closed): read again.
+                    None => {
+                        tail = None;
+                        more = true;
+                    }
+                },
                 _ = shutdown.cancelled(), if draining.is_none() => {
                     if !connected || (flight.unsent.is_empty() && flight.inflight.is_empty()) {
                         return End::Shutdown;

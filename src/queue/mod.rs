@@ -151,13 +151,16 @@ pub struct Stats {
 
 enum Cmd {
     Insert(NewMessage),
-    Ack(i64),
     DeadLetter(i64, String),
     Fetch {
         after: i64,
         limit: usize,
         reply: oneshot::Sender<Result<Vec<Row>, String>>,
+        /// When the fetch finds nothing: where to push rows as they are committed (see `Tail`).
+        tail: Option<Tail>,
     },
+    /// Acknowledgements are waiting in the inbox and the store thread was idle.
+    AcksWaiting,
     Stats(oneshot::Sender<Stats>),
     /// Commit everything buffered, then reply.
     Flush(oneshot::Sender<()>),
@@ -179,9 +182,22 @@ pub struct StoreHandle {
     /// Liveness probes, answered by the store thread wherever it waits, including between the
     /// retries of a failing commit (a full disk is waiting, not hung).
     probe: flume::Sender<oneshot::Sender<()>>,
+    acks: Arc<AckInbox>,
     committed: watch::Receiver<i64>,
     epoch: Arc<str>,
 }
+
+/// Upstream acknowledgements waiting for the store thread's next commit.
+#[derive(Default)]
+struct AckInbox {
+    inbox: std::sync::Mutex<Vec<i64>>,
+    /// Set by the store thread before a long idle wait (it then needs a wake for acks).
+    sleeping: std::sync::atomic::AtomicBool,
+}
+
+/// Where the store pushes freshly committed rows for a caught-up reader. Bounded: when full, the
+/// store stops pushing (drops its end) and the reader fetches again.
+pub type Tail = tokio::sync::mpsc::Sender<Vec<Row>>;
 
 /// The open store: the handle plus the thread, joined by [`Store::close`].
 pub struct Store {
@@ -241,6 +257,7 @@ impl Store {
         }
         let (tx, rx) = flume::bounded(CHANNEL_CAPACITY);
         let (probe, probe_rx) = flume::bounded(4);
+        let acks = Arc::new(AckInbox::default());
         let (committed_tx, committed_rx) = watch::channel(last_seq);
         let mut worker = Worker {
             conn,
@@ -249,6 +266,8 @@ impl Store {
             metrics,
             rx,
             probe_rx,
+            acks: acks.clone(),
+            tail: None,
             committed: committed_tx,
             pending: Vec::new(),
             pending_keys: HashSet::new(),
@@ -276,6 +295,7 @@ impl Store {
             handle: StoreHandle {
                 tx,
                 probe,
+                acks,
                 committed: committed_rx,
                 epoch: epoch.into(),
             },
@@ -323,10 +343,23 @@ impl StoreHandle {
 
     /// The upstream acknowledged `seq`: delete it (at the next commit).
     pub async fn ack(&self, seq: i64) -> Result<(), StoreError> {
-        self.tx
-            .send_async(Cmd::Ack(seq))
-            .await
-            .map_err(|_| StoreError::Closed)
+        // Into the inbox, without waking the store thread: acknowledgements wait for the next
+        // commit anyway (ACK_LINGER). Only a store thread asleep for long is woken, once.
+        let was_empty = {
+            let mut inbox = self.acks.inbox.lock().unwrap_or_else(|e| e.into_inner());
+            inbox.push(seq);
+            inbox.len() == 1
+        };
+        if was_empty && self.acks.sleeping.load(std::sync::atomic::Ordering::SeqCst) {
+            self.tx
+                .send_async(Cmd::AcksWaiting)
+                .await
+                .map_err(|_| StoreError::Closed)?;
+        }
+        if self.tx.is_disconnected() {
+            return Err(StoreError::Closed);
+        }
+        Ok(())
     }
 
     /// The upstream refused `seq` for good: move it to the dead-letter table with `reason`.
@@ -341,12 +374,27 @@ impl StoreHandle {
     /// buffered but not yet committed; fewer once about 1 MiB is gathered. Empty only when no
     /// such row exists.
     pub async fn fetch(&self, after: i64, limit: usize) -> Result<Vec<Row>, StoreError> {
+        self.fetch_or_tail(after, limit, None).await
+    }
+
+    /// [`StoreHandle::fetch`]; when it finds nothing and `tail` is given, the store instead
+    /// pushes each later commit's new rows (seq > `after`, in order) into `tail` until the
+    /// channel is full or closed, then drops its end: the caller sees the channel close and
+    /// fetches again from the last row it got. The forwarder is told about fresh rows instead of
+    /// asking for them (one store round trip less per commit).
+    pub async fn fetch_or_tail(
+        &self,
+        after: i64,
+        limit: usize,
+        tail: Option<Tail>,
+    ) -> Result<Vec<Row>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send_async(Cmd::Fetch {
                 after,
                 limit,
                 reply,
+                tail,
             })
             .await
             .map_err(|_| StoreError::Closed)?;
@@ -425,6 +473,9 @@ struct Worker {
     metrics: Arc<Metrics>,
     rx: flume::Receiver<Cmd>,
     probe_rx: flume::Receiver<oneshot::Sender<()>>,
+    acks: Arc<AckInbox>,
+    /// A caught-up reader's channel and the last seq it has.
+    tail: Option<(i64, Tail)>,
     committed: watch::Sender<i64>,
     pending: Vec<Write>,
     /// Dedup keys of buffered inserts (the table only knows committed ones).
@@ -447,6 +498,8 @@ struct Worker {
 struct Committed {
     /// Seq of each insert, in buffer order.
     seqs: Vec<i64>,
+    /// `enqueued_ms` written for the inserts.
+    stamp: i64,
     /// Rows deleted from `messages` (acked or dead-lettered).
     removed: u64,
     /// Rows moved to `dead_letters`.
@@ -519,11 +572,29 @@ impl Worker {
         // instead of two at low rates: half the fsyncs and WAL pages on the flash.
         let mut acks_due: Option<Instant> = None;
         loop {
+            // Announce a long sleep before looking at the inbox, so an ack pushed meanwhile
+            // either is seen here or wakes us (see `StoreHandle::ack`).
+            self.acks
+                .sleeping
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            self.take_acks();
+            if !self.pending.is_empty() && acks_due.is_none() {
+                acks_due = Some(Instant::now() + ACK_LINGER);
+            }
+            if acks_due.is_some() {
+                self.acks
+                    .sleeping
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+            }
             let wait = acks_due
                 .map(|d| d.saturating_duration_since(Instant::now()))
                 .unwrap_or(MAINTENANCE_EVERY)
                 .min(MAINTENANCE_EVERY);
-            let first = match self.next(wait) {
+            let first = self.next(wait);
+            self.acks
+                .sleeping
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            let first = match first {
                 Ok(cmd) => cmd,
                 Err(flume::RecvTimeoutError::Timeout) => {
                     if acks_due.take().is_some() {
@@ -616,10 +687,6 @@ impl Worker {
                 }
                 self.pending.push(Write::Insert(msg));
             }
-            Cmd::Ack(seq) => {
-                self.pending_acks.insert(seq);
-                self.pending.push(Write::Ack(seq));
-            }
             Cmd::DeadLetter(seq, reason) => {
                 self.pending_acks.insert(seq);
                 self.pending.push(Write::DeadLetter(seq, reason));
@@ -628,9 +695,19 @@ impl Worker {
                 after,
                 limit,
                 reply,
+                tail,
             } => {
-                let _ = reply.send(self.fetch(after, limit));
+                // Rows acknowledged but still in the inbox must not be read again.
+                self.take_acks();
+                let rows = self.fetch(after, limit);
+                if let (Ok(r), Some(t)) = (&rows, tail) {
+                    if r.is_empty() {
+                        self.tail = Some((after, t));
+                    }
+                }
+                let _ = reply.send(rows);
             }
+            Cmd::AcksWaiting => self.take_acks(),
             Cmd::Stats(reply) => {
                 let oldest = self
                     .conn
@@ -742,6 +819,7 @@ impl Worker {
     /// Execute the buffered writes in one transaction. On failure (disk full, I/O error) the
     /// buffer is kept and retried with backoff: ingest stalls rather than dropping anything.
     fn commit(&mut self) {
+        self.take_acks();
         if self.pending.is_empty() {
             return;
         }
@@ -807,6 +885,7 @@ impl Worker {
                 match w {
                     Write::Insert(m) => {
                         insert.execute(params![m.topic, &m.payload[..], now])?;
+                        done.stamp = now;
                         done.seqs.push(tx.last_insert_rowid());
                         if let Some(k) = &m.dedup_key {
                             remember.execute(params![k, seen])?;
@@ -831,11 +910,21 @@ impl Worker {
         let mut seqs = done.seqs.into_iter();
         let mut last = None;
         let mut inserted = 0u64;
+        let mut fresh = self.tail.as_ref().map(|_| Vec::new());
         for w in self.pending.drain(..) {
             match w {
                 Write::Insert(m) => {
                     let seq = seqs.next().unwrap_or_default();
                     last = Some(seq);
+                    if let Some(rows) = &mut fresh {
+                        rows.push(Row {
+                            seq,
+                            topic: m.topic.clone(),
+                            payload: m.payload.to_vec(),
+                            enqueued_ms: done.stamp,
+                            defect: None,
+                        });
+                    }
                     inserted += 1;
                     self.metrics.commit_latency.record(m.received.elapsed());
                     if m.dedup_key.is_some() {
@@ -861,6 +950,26 @@ impl Worker {
         self.metrics.store_commits.inc();
         if let Some(seq) = last {
             self.committed.send_replace(seq);
+        }
+        if let (Some(rows), Some((cursor, tx))) = (fresh.filter(|r| !r.is_empty()), &mut self.tail)
+        {
+            // Every row above the reader's cursor is in this commit (it found none before, and
+            // every later insert passes here), so pushing them keeps order without a query.
+            let end = rows.last().map(|r| r.seq).unwrap_or(*cursor);
+            if rows.first().is_some_and(|r| r.seq > *cursor) && tx.try_send(rows).is_ok() {
+                *cursor = end;
+            } else {
+                self.tail = None;
+            }
+        }
+    }
+
+    /// Move acknowledgements from the inbox into the pending writes.
+    fn take_acks(&mut self) {
+        let acks = std::mem::take(&mut *self.acks.inbox.lock().unwrap_or_else(|e| e.into_inner()));
+        for seq in acks {
+            self.pending_acks.insert(seq);
+            self.pending.push(Write::Ack(seq));
         }
     }
 

@@ -112,6 +112,10 @@ struct Args {
     /// Keep the temp dirs (configs, logs, stores) for inspection.
     #[arg(long)]
     keep: bool,
+    /// Extra lines for edgeferry's `[store]` table, e.g. --store-extra 'sync = "normal"'
+    /// (repeatable). Default: none (the shipped defaults).
+    #[arg(long)]
+    store_extra: Vec<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -183,7 +187,12 @@ impl Ctx {
     /// Starts the system under test in the world's dir (again, after a restart: same store).
     fn start_sut(&self, w: &World) -> Result<Sut> {
         match w.kind {
-            Kind::Edgeferry => Sut::start_edgeferry(&self.binary, &w.dir, w.upstream.port),
+            Kind::Edgeferry => Sut::start_edgeferry(
+                &self.binary,
+                &w.dir,
+                w.upstream.port,
+                &self.args.store_extra.join("\n"),
+            ),
             Kind::Mosquitto => Sut::start_mosquitto_bridge(&w.dir, w.upstream.port, &self.mosq),
         }
     }

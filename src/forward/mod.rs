@@ -47,8 +47,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::Protocol;
+use crate::health::answer;
 use crate::queue::{Row, StoreHandle};
-use crate::service::systemd::answer;
 use crate::telemetry::{DeadLetterReason, Metrics};
 use backoff::Backoff;
 use client::{needs_operator, SessionError, Settings, UpClient, UpEvent};
@@ -95,7 +95,7 @@ pub struct Forwarder {
     pub metrics: Arc<Metrics>,
     pub downlinks: Vec<Downlink>,
     /// Liveness probes from the systemd watchdog, answered from the select loops.
-    pub probes: crate::service::systemd::ProbeRx,
+    pub probes: crate::health::ProbeRx,
 }
 
 /// A row handed to the client, waiting for its `Sent` event.

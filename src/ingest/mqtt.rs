@@ -42,9 +42,9 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, DedupKey, RouteSpec};
 use crate::dedup;
+use crate::health::{answer, ProbeRx};
 use crate::queue::{Enqueued, NewMessage, StoreHandle};
 use crate::route::{self, TopicFilter};
-use crate::service::systemd::{answer, ProbeRx};
 use crate::telemetry::{IngressRefusal, Metrics, SecurityRefusal};
 
 use super::frame::{self, Kind};
@@ -481,6 +481,9 @@ enum SessionError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Refused(String),
+    /// Closed by the device before it sent anything worth a word (a bare TCP connect).
+    #[error("closed before CONNECT")]
+    Silent,
 }
 
 /// A publish waiting for its commit(s), or an acknowledgement waiting for its turn.
@@ -541,6 +544,8 @@ impl<'a> Session<'a> {
         let connect = tokio::select! {
             r = tokio::time::timeout(shared.connect_timeout, read_connect(&mut device, &mut inbuf, shared.max_frame, proto)) => match r {
                 Ok(Ok(p)) => p,
+                // A bare TCP connect (a port check, a load balancer's probe) is not an error.
+                Ok(Err(SessionError::Io(_))) | Ok(Err(SessionError::Silent)) => return Ok(()),
                 Ok(Err(e)) => {
                     shared.refuse(IngressRefusal::Malformed, "", peer, &e.to_string());
                     return Err(e);
@@ -1346,7 +1351,7 @@ async fn read_connect(
                 .map_err(|e| SessionError::Refused(format!("CONNECT: {e}")));
         }
         if s.read_buf(buf).await? == 0 {
-            return Err(SessionError::Refused("closed before CONNECT".into()));
+            return Err(SessionError::Silent);
         }
     }
 }

@@ -655,7 +655,10 @@ pub fn valid_filter(filter: &str) -> bool {
 /// **NOTE**: make sure a topic is validated during a publish and filter is validated
 /// during a subscribe
 pub fn matches(topic: &str, filter: &str) -> bool {
-    if !topic.is_empty() && topic[..1].contains('$') {
+    // A topic starting with '$' (e.g. "$SYS/...") matches no filter starting with a wildcard.
+    // Compare the first character, not a byte slice: `topic[..1]` panics on a topic that
+    // starts with a multi-byte character such as "é/x", which is a valid topic.
+    if topic.starts_with('$') {
         return false;
     }
 
@@ -748,4 +751,18 @@ pub enum Error {
 pub trait Protocol {
     fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error>;
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, Error>;
+}
+
+#[cfg(test)]
+mod matches_tests {
+    use super::matches;
+
+    #[test]
+    fn topic_starting_with_multibyte_char_does_not_panic() {
+        assert!(matches("é/x", "é/x"));
+        assert!(matches("é/x", "#"));
+        assert!(matches("é/x", "+/x"));
+        assert!(!matches("é/x", "e/x"));
+        assert!(!matches("$SYS/x", "#"));
+    }
 }

@@ -388,6 +388,13 @@ impl Protocol for V5 {
                     connect::read(fixed_header, packet)?;
                 Packet::Connect(connect, properties, will, willproperties, login)
             }
+            // A broker never expects CONNACK or UNSUBACK, but a client can send them (before
+            // CONNECT, too): parse them like every other packet and let the caller refuse
+            // them, as V4 does.
+            PacketType::ConnAck => {
+                let (connack, properties) = connack::read(fixed_header, packet)?;
+                Packet::ConnAck(connack, properties)
+            }
             PacketType::Publish => {
                 let (publish, properties) = publish::read(fixed_header, packet)?;
                 Packet::Publish(publish, properties)
@@ -408,6 +415,10 @@ impl Protocol for V5 {
                 let (unsubscribe, properties) = unsubscribe::read(fixed_header, packet)?;
                 Packet::Unsubscribe(unsubscribe, properties)
             }
+            PacketType::UnsubAck => {
+                let (unsuback, properties) = unsuback::read(fixed_header, packet)?;
+                Packet::UnsubAck(unsuback, properties)
+            }
             PacketType::PingReq => Packet::PingReq(PingReq),
             PacketType::PingResp => Packet::PingResp(PingResp),
             PacketType::Disconnect => {
@@ -426,7 +437,6 @@ impl Protocol for V5 {
                 let (pubcomp, properties) = pubcomp::read(fixed_header, packet)?;
                 Packet::PubComp(pubcomp, properties)
             }
-            _ => unreachable!(),
         };
 
         Ok(packet)
@@ -469,8 +479,40 @@ impl Protocol for V5 {
             }
             Packet::PingReq(pingreq) => ping::pingreq::write(buffer)?,
             Packet::PingResp(pingresp) => ping::pingresp::write(buffer)?,
-            _ => unreachable!(),
         };
         Ok(size)
+    }
+}
+
+#[cfg(test)]
+mod read_tests {
+    use super::*;
+
+    /// Bytes a client may send before (or instead of) CONNECT: each is an error or a packet
+    /// for the caller to refuse, never a panic.
+    #[test]
+    fn every_packet_type_reads_without_panic() {
+        for bytes in [
+            &[0x20, 0x02, 0x00, 0x00][..], // CONNACK without properties length
+            &[0x20, 0x03, 0x00, 0x00, 0x00][..], // CONNACK
+            &[0xb0, 0x02, 0x00, 0x01][..], // UNSUBACK without properties length
+            &[0xb0, 0x04, 0x00, 0x01, 0x00, 0x00][..], // UNSUBACK
+        ] {
+            for first in 0..=0xffu8 {
+                let mut stream = BytesMut::from(bytes);
+                stream[0] = (stream[0] & 0x0f) | (first & 0xf0);
+                let _ = V5.read_mut(&mut stream, 1024);
+            }
+        }
+        let mut connack = BytesMut::from(&[0x20, 0x03, 0x00, 0x00, 0x00][..]);
+        assert!(matches!(
+            V5.read_mut(&mut connack, 1024),
+            Ok(Packet::ConnAck(_, None))
+        ));
+        let mut unsuback = BytesMut::from(&[0xb0, 0x04, 0x00, 0x01, 0x00, 0x00][..]);
+        assert!(matches!(
+            V5.read_mut(&mut unsuback, 1024),
+            Ok(Packet::UnsubAck(_, None))
+        ));
     }
 }

@@ -541,14 +541,16 @@ async fn remote<P: Protocol>(
         } else {
             AwaitingWill::Cancel
         };
-        sender.try_send(awaiting_will).unwrap();
+        // The previous connection may be gone without waiting for a will (the router refused
+        // it, e.g. at max_connections): then nobody listens and there is nothing to do.
+        let _ = sender.try_send(awaiting_will);
     }
 
     let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
     will_handlers
         .lock()
         .unwrap()
-        .insert(client_id.clone(), will_tx);
+        .insert(client_id.clone(), will_tx.clone());
 
     // Start the link
     let mut link = match RemoteLink::new(
@@ -564,9 +566,19 @@ async fn remote<P: Protocol>(
         Ok(l) => l,
         Err(e) => {
             error!(error=?e, "Remote link error");
+            // No will waits for this connection: forget its handler, unless a newer
+            // connection with the same client id has replaced it meanwhile.
+            let mut handlers = will_handlers.lock().unwrap();
+            if handlers
+                .get(&client_id)
+                .is_some_and(|tx| tx.same_channel(&will_tx))
+            {
+                handlers.remove(&client_id);
+            }
             return;
         }
     };
+    drop(will_tx);
 
     let connection_id = link.connection_id;
     let will_delay_interval = link.will_delay_interval;

@@ -21,6 +21,7 @@ fn main() -> ExitCode {
                 Err(line) => return fail(EXIT_CONFIG, &line),
             };
             edgeferry::telemetry::init_logging(&config.telemetry.log_level);
+            edgeferry::telemetry::install_panic_hook();
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -357,9 +357,9 @@ fn read_u32(stream: &mut Bytes) -> Result<u32, Error> {
 #[derive(Debug, Clone)]
 pub struct V5;
 
-impl Protocol for V5 {
+impl V5 {
     /// Reads a stream of bytes and extracts next MQTT packet out of it
-    fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error> {
+    fn read_frame(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error> {
         let fixed_header = check(stream.iter(), max_size)?;
 
         // Test with a stream with exactly the size to check border panics
@@ -441,6 +441,20 @@ impl Protocol for V5 {
 
         Ok(packet)
     }
+}
+
+impl Protocol for V5 {
+    fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error> {
+        let len = stream.len();
+        match self.read_frame(stream, max_size) {
+            // InsufficientBytes asks the caller to read more and call again with the same
+            // bytes. Once the frame has been taken from the stream, it can only come from a
+            // property length running past the end of the frame: the packet is malformed, and
+            // the next read must not start inside it.
+            Err(Error::InsufficientBytes(_)) if stream.len() != len => Err(Error::MalformedPacket),
+            result => result,
+        }
+    }
 
     fn write(&self, packet: Packet, buffer: &mut BytesMut) -> Result<usize, Error> {
         let size = match packet {
@@ -514,5 +528,20 @@ mod read_tests {
             V5.read_mut(&mut unsuback, 1024),
             Ok(Packet::UnsubAck(_, None))
         ));
+    }
+
+    /// A complete frame whose property length runs past its end is malformed: it must not be
+    /// reported as InsufficientBytes after the frame was consumed.
+    #[test]
+    fn truncated_properties_are_malformed_not_insufficient() {
+        let mut stream = BytesMut::from(&[0x20, 0x02, 0x00, 0x00, 0xc0, 0x00][..]);
+        assert_eq!(V5.read_mut(&mut stream, 1024), Err(Error::MalformedPacket));
+        assert_eq!(&stream[..], &[0xc0, 0x00]);
+        let mut partial = BytesMut::from(&[0x30, 0x05, 0x00][..]);
+        assert_eq!(
+            V5.read_mut(&mut partial, 1024),
+            Err(Error::InsufficientBytes(4))
+        );
+        assert_eq!(partial.len(), 3);
     }
 }

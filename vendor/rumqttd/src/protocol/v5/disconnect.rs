@@ -18,7 +18,8 @@ fn len(disconnect: &Disconnect, properties: &Option<DisconnectProperties>) -> us
         let properties_len_len = len_len(properties_len);
         length += properties_len_len + properties_len;
     } else {
-        length += 1;
+        // Disconnect Reason Code and a zero Property Length: write() puts both.
+        length += 1 + 1;
     }
 
     length
@@ -69,7 +70,7 @@ pub fn write(
 
     let length = len(disconnect, properties);
 
-    if length == 2 {
+    if disconnect.reason_code == DisconnectReasonCode::NormalDisconnection && properties.is_none() {
         buffer.put_u8(0x00);
         return Ok(length);
     }
@@ -236,6 +237,25 @@ mod test {
         write(&disconnect, &None, &mut buffer).unwrap();
 
         assert_eq!(&buffer[..], &expected);
+    }
+
+    #[test]
+    fn disconnect_with_reason_and_no_properties_encoding_works() {
+        let mut buffer = BytesMut::new();
+        let disconnect = Disconnect {
+            reason_code: DisconnectReasonCode::MalformedPacket,
+        };
+        let expected = [
+            0xE0, // Packet type
+            0x02, // Remaining length
+            0x81, // Disconnect Reason Code
+            0x00, // Properties length
+        ];
+
+        let written = write(&disconnect, &None, &mut buffer).unwrap();
+
+        assert_eq!(&buffer[..], &expected);
+        assert_eq!(written, expected.len());
     }
 
     fn sample2() -> (Disconnect, Option<DisconnectProperties>) {

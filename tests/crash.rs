@@ -65,11 +65,15 @@ fn read_packet(s: &mut TcpStream) -> Result<(u8, Vec<u8>), String> {
     Ok((first[0], body))
 }
 
-fn open(port: u16) -> TcpStream {
-    let s = TcpStream::connect(addr(port)).expect("connect to the daemon");
+fn try_open(port: u16) -> Result<TcpStream, String> {
+    let s = TcpStream::connect(addr(port)).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.set_nodelay(true).unwrap();
-    s
+    Ok(s)
+}
+
+fn open(port: u16) -> TcpStream {
+    try_open(port).expect("connect to the daemon")
 }
 
 /// An MQTT 3.1.1 or 5 device over a plain socket.
@@ -80,16 +84,24 @@ struct Raw {
 }
 
 impl Raw {
-    /// CONNECT as `client_id`; Ok once a successful CONNACK arrived, Err(why) if refused.
+    /// CONNECT as `client_id` with a clean session; Ok once a successful CONNACK arrived,
+    /// Err(why) if refused.
     fn connect(port: u16, client_id: &str, v5: bool) -> Result<Raw, String> {
-        let mut s = open(port);
+        Raw::connect_session(port, client_id, v5, true)
+    }
+
+    /// CONNECT, with `clean` false asking the broker to keep the session.
+    fn connect_session(port: u16, client_id: &str, v5: bool, clean: bool) -> Result<Raw, String> {
+        let mut s = try_open(port)?;
         let mut body = Vec::new();
         put_str(&mut body, b"MQTT");
         body.push(if v5 { 5 } else { 4 });
-        body.push(0x02); // clean session
+        body.push(if clean { 0x02 } else { 0x00 });
         body.extend_from_slice(&30u16.to_be_bytes());
-        if v5 {
+        if v5 && clean {
             body.push(0); // no properties
+        } else if v5 {
+            body.extend_from_slice(&[5, 0x11, 0, 0, 0, 60]); // session expiry 60 s
         }
         put_str(&mut body, client_id.as_bytes());
         s.write_all(&frame(0x10, &body))
@@ -101,6 +113,28 @@ impl Raw {
         match body.get(1) {
             Some(0) => Ok(Raw { s, v5, pkid: 0 }),
             code => Err(format!("CONNACK code {code:?}")),
+        }
+    }
+
+    /// SUBSCRIBE to `filter` with QoS 1; Ok once the SUBACK granted it.
+    fn subscribe_qos1(&mut self, filter: &str) -> Result<(), String> {
+        let mut body = vec![0, 1];
+        if self.v5 {
+            body.push(0);
+        }
+        put_str(&mut body, filter.as_bytes());
+        body.push(1);
+        self.s
+            .write_all(&frame(0x82, &body))
+            .map_err(|e| format!("write: {e}"))?;
+        loop {
+            let (first, body) = read_packet(&mut self.s)?;
+            if first == 0x90 {
+                return match body.last() {
+                    Some(1) => Ok(()),
+                    code => Err(format!("SUBACK code {code:?}")),
+                };
+            }
         }
     }
 
@@ -485,4 +519,48 @@ async fn client_id_refused_at_max_connections_can_connect_again() {
         Raw::connect(port, "probe", false).ok()
     });
     scene.assert_survived("refused_client_id").await;
+}
+
+/// A persistent session (clean session off) in a shared subscription group of its own, holding
+/// an unacknowledged QoS 1 message when it disconnects: rumqttd removed the emptied group, then
+/// `expect`ed it when saving the session. The session must be kept and the message redelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_shared_subscriber_leaving_with_unacked_message() {
+    let mut scene = Scene::start("", "").await;
+    for (v5, port) in [(false, scene.daemon.local), (true, scene.daemon.local_v5)] {
+        let id = format!("shared-sub-v5-{v5}");
+        let filter = format!("$share/g{v5}/devices/shared{v5}/#");
+        let topic = format!("devices/shared{v5}/x");
+        let mut sub = Raw::connect_session(port, &id, v5, false).expect("persistent subscriber");
+        sub.subscribe_qos1(&filter).expect("shared subscription");
+        let payload = format!("unacked-{v5}").into_bytes();
+        scene.bystanders[0]
+            .publish_qos1(&topic, &payload)
+            .expect("publish to the shared subscription");
+        // The message arrives, QoS 1; the subscriber leaves without acknowledging it.
+        let (first, _) = read_packet(&mut sub.s).expect("the shared subscription's message");
+        assert_eq!(
+            first & 0xf6,
+            0x32,
+            "expected a QoS 1 PUBLISH, got {first:#04x}"
+        );
+        drop(sub);
+        scene.assert_up(&format!("v5={v5}: shared subscriber gone"));
+        // The session was kept: back with clean session off, the subscriber gets it again.
+        let mut back = wait_for(&format!("{id} to reconnect"), WAIT, || {
+            scene.assert_up(&format!("v5={v5}: {id} reconnecting"));
+            Raw::connect_session(port, &id, v5, false).ok()
+        });
+        let (first, body) = read_packet(&mut back.s).expect("redelivery");
+        assert_eq!(
+            first >> 4,
+            3,
+            "expected the message again, got {first:#04x}"
+        );
+        assert!(
+            body.ends_with(&payload),
+            "redelivered {body:02x?}, not {payload:02x?}"
+        );
+    }
+    scene.assert_survived("persistent_shared_subscriber").await;
 }

@@ -245,6 +245,14 @@ impl Router {
             Event::NewAlert(tx) => self.handle_new_alert(tx),
             Event::DeviceData => self.handle_device_payload(id),
             Event::Disconnect => self.handle_disconnection(id, None),
+            // A link can still report ready for a connection the router has just removed (it
+            // was disconnected while an Unschedule notification was on its way to the link).
+            Event::Ready if !self.scheduler.trackers.contains(id) => {
+                debug!(
+                    connection_id = id,
+                    "Ready from a connection that is already gone"
+                );
+            }
             Event::Ready => self.scheduler.reschedule(id, ScheduleReason::Ready),
             Event::Shadow(request) => {
                 retrieve_shadow(&mut self.datalog, &mut self.obufs[id], request)
@@ -1755,6 +1763,26 @@ fn extract_group(filter: &str) -> Option<(String, String)> {
         s.split_once('/')
             .map(|(group, path)| (group.to_string(), path.to_string()))
     })
+}
+
+#[cfg(test)]
+mod gone_connection_tests {
+    use super::*;
+
+    #[test]
+    fn ready_from_a_removed_connection_is_ignored() {
+        let config = RouterConfig {
+            max_connections: 10,
+            max_outgoing_packet_count: 100,
+            max_segment_size: 10 * 1024,
+            max_segment_count: 2,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        };
+        let mut router = Router::new(0, config);
+        router.events(3, Event::Ready);
+    }
 }
 // #[cfg(test)]
 // #[allow(non_snake_case)]

@@ -221,12 +221,44 @@ impl Scheduler {
         let tracker_data_req = tracker.get_data_requests();
         let mut uniq = HashSet::with_capacity(tracker_data_req.len());
 
-        let all_uniq = tracker_data_req.iter().all(|x| uniq.insert(x.filter_idx));
+        // One request per subscription. A shared subscription and a plain one on the same
+        // filter ("$share/g/a" and "a") are two subscriptions reading the same commitlog
+        // (filter_idx): only the same filter string twice is a duplicate.
+        let all_uniq = tracker_data_req.iter().all(|x| uniq.insert(&x.filter));
 
         if !all_uniq {
             Some(&tracker.data_requests)
         } else {
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(filter: &str, group: Option<&str>) -> DataRequest {
+        DataRequest {
+            filter: filter.to_owned(),
+            filter_idx: 0,
+            qos: 0,
+            cursor: (0, 0),
+            read_count: 0,
+            max_count: 100,
+            forward_retained: false,
+            group: group.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn shared_and_plain_subscription_on_one_filter_are_not_duplicates() {
+        let mut scheduler = Scheduler::with_capacity(1);
+        let id = scheduler.add(Tracker::new("c".to_owned()));
+        scheduler.track(id, request("a/b", None));
+        scheduler.track(id, request("$share/g/a/b", Some("g")));
+        assert!(scheduler.check_tracker_duplicates(id).is_none());
+        scheduler.track(id, request("a/b", None));
+        assert!(scheduler.check_tracker_duplicates(id).is_some());
     }
 }

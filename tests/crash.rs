@@ -564,3 +564,20 @@ async fn persistent_shared_subscriber_leaving_with_unacked_message() {
     }
     scene.assert_survived("persistent_shared_subscriber").await;
 }
+
+/// One client subscribed to a filter both plainly and through a shared group: rumqttd's
+/// duplicate-request check (a debug assertion, so debug builds only) took the two subscriptions
+/// for one. The client is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_and_shared_subscription_on_one_filter() {
+    let mut scene = Scene::start("", "").await;
+    let sub = Mosq::subscriber(
+        scene.daemon.local,
+        "-V mqttv311 -t devices/both/x -t $share/g/devices/both/x",
+    );
+    scene.bystanders[0]
+        .publish_qos1("devices/both/x", b"both")
+        .expect("publish");
+    scene.expect_line(&sub, "MSG_devices/both/x_both");
+    scene.assert_survived("plain_and_shared").await;
+}

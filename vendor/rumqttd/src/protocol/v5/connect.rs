@@ -295,6 +295,12 @@ mod willproperties {
             }
         }
 
+        // A property that ran past the Property Length read bytes that are not
+        // properties (the payload, the next field): the packet is malformed.
+        if cursor != properties_len {
+            return Err(Error::MalformedPacket);
+        }
+
         Ok(Some(LastWillProperties {
             delay_interval,
             payload_format_indicator,
@@ -476,6 +482,12 @@ mod properties {
                 }
                 _ => return Err(Error::InvalidPropertyType(prop)),
             }
+        }
+
+        // A property that ran past the Property Length read bytes that are not
+        // properties (the payload, the next field): the packet is malformed.
+        if cursor != properties_len {
+            return Err(Error::MalformedPacket);
         }
 
         Ok(Some(ConnectProperties {

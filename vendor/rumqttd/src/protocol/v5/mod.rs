@@ -530,6 +530,21 @@ mod read_tests {
         ));
     }
 
+    /// A property running past the Property Length is malformed, not read from the payload.
+    #[test]
+    fn property_overrunning_properties_length_is_malformed() {
+        // PUBLISH QoS 1 "t", pkid 1, Property Length 1, then a Subscription Identifier (2 bytes).
+        let bytes = [0x32, 0x08, 0x00, 0x01, b't', 0x00, 0x01, 0x01, 0x0b, 0x05];
+        let mut stream = BytesMut::from(&bytes[..]);
+        assert_eq!(V5.read_mut(&mut stream, 1024), Err(Error::MalformedPacket));
+        let mut valid =
+            BytesMut::from(&[0x32, 0x08, 0x00, 0x01, b't', 0x00, 0x01, 0x02, 0x0b, 0x05][..]);
+        assert!(matches!(
+            V5.read_mut(&mut valid, 1024),
+            Ok(Packet::Publish(_, Some(_)))
+        ));
+    }
+
     /// A complete frame whose property length runs past its end is malformed: it must not be
     /// reported as InsufficientBytes after the frame was consumed.
     #[test]

@@ -136,6 +136,12 @@ mod properties {
             }
         }
 
+        // A property that ran past the Property Length read bytes that are not
+        // properties (the payload, the next field): the packet is malformed.
+        if cursor != properties_len {
+            return Err(Error::MalformedPacket);
+        }
+
         Ok(Some(PubAckProperties {
             reason_string,
             user_properties,

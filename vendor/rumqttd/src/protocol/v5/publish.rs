@@ -186,7 +186,7 @@ mod properties {
                 }
                 PropertyType::SubscriptionIdentifier => {
                     let (id_len, id) = length(bytes.iter())?;
-                    cursor += 1 + id_len;
+                    cursor += id_len;
                     bytes.advance(id_len);
                     subscription_identifiers.push(id);
                 }
@@ -197,6 +197,12 @@ mod properties {
                 }
                 _ => return Err(Error::InvalidPropertyType(prop)),
             }
+        }
+
+        // A property that ran past the Property Length read bytes that are not
+        // properties (the payload, the next field): the packet is malformed.
+        if cursor != properties_len {
+            return Err(Error::MalformedPacket);
         }
 
         Ok(Some(PublishProperties {

@@ -114,6 +114,12 @@ mod properties {
             }
         }
 
+        // A property that ran past the Property Length read bytes that are not
+        // properties (the payload, the next field): the packet is malformed.
+        if cursor != properties_len {
+            return Err(Error::MalformedPacket);
+        }
+
         Ok(Some(SubAckProperties {
             reason_string,
             user_properties,

@@ -197,7 +197,7 @@ mod properties {
                 PropertyType::SubscriptionIdentifier => {
                     let (id_len, sub_id) = length(bytes.iter())?;
                     // TODO: Validate 1 +. Tests are working either way
-                    cursor += 1 + id_len;
+                    cursor += id_len;
                     bytes.advance(id_len);
                     id = Some(sub_id)
                 }
@@ -209,6 +209,12 @@ mod properties {
                 }
                 _ => return Err(Error::InvalidPropertyType(prop)),
             }
+        }
+
+        // A property that ran past the Property Length read bytes that are not
+        // properties (the payload, the next field): the packet is malformed.
+        if cursor != properties_len {
+            return Err(Error::MalformedPacket);
         }
 
         Ok(Some(SubscribeProperties {

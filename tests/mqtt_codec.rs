@@ -147,6 +147,40 @@ fn every_seed_decodes_and_round_trips() {
     }
 }
 
+/// Inputs the fuzzers found, as `check` inputs in hex: each failed before its rumqttd patch
+/// (vendor/rumqttd/PATCHES.md).
+const FOUND: &[(&str, &str)] = &[
+    (
+        "v5 CONNACK without property length, then more bytes (patch 5)",
+        "01ffff7f20020000c000",
+    ),
+    (
+        "v5 DISCONNECT with a reason code and no properties re-encoded short (patch 6)",
+        "01ffff7fe0028100",
+    ),
+    (
+        "v5 PUBLISH whose subscription identifiers overrun the property length (patch 10)",
+        "01ffff7f333e000401000075000b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b\
+         0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b88010800087265706c79507562ffffffffffffffffffff\
+         ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff\
+         ffffffffffffffffffffffffffffffffffffff26ffffffffffffffffffffffffffffffffffffffffffffffffff\
+         ffffffffffffffff52656c0001270800087265709b86d08b00000079722600016b0001760b810103000a7465\
+         78742f706c61696e7132",
+    ),
+];
+
+#[test]
+fn inputs_the_fuzzers_found() {
+    for (what, hex) in FOUND {
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+        let result = std::panic::catch_unwind(|| check(&bytes));
+        assert!(result.is_ok(), "{what}: {hex}");
+    }
+}
+
 // ---- the long-running form: a mutation fuzzer on stable Rust --------------------------------
 
 /// Mutate `data` in place with 1-8 random edits, sometimes splicing in part of `other`.

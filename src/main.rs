@@ -30,6 +30,7 @@ fn main() -> ExitCode {
                 Err(line) => return fail(EXIT_CONFIG, &line),
             };
             edgeferry::telemetry::init_logging(&config.telemetry.log_level);
+            edgeferry::telemetry::install_panic_hook();
             // One thread for all async work (ingress, forwarder, serial ports, telemetry): the
             // hot path is I/O readiness and hand-offs between tasks, which on one thread are
             // plain function calls instead of cross-thread wakeups (context switches). SQLite

@@ -751,6 +751,32 @@ pub fn init_logging(level: &str) {
     let _ = result;
 }
 
+/// The panic policy (README, "Panic policy"): a panic is a bug, never the answer to an input.
+/// Log where it happened at ERROR (the default message may not reach the journal's view of the
+/// unit), then abort in every build: the release profile aborts anyway, and a debug build must
+/// not differ by letting tokio swallow a panicked task and run on half-broken. systemd restarts
+/// the daemon; what was committed is in the store and is forwarded after the restart.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| l.to_string())
+            .unwrap_or_else(|| "unknown location".into());
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_string();
+        tracing::error!(%location, %thread, "panic: {message}; aborting (a bug: please report this line)");
+        std::process::abort();
+    }));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -480,7 +480,7 @@ async fn server_packets_before_connect_close_only_that_connection() {
 /// holding the slots keep their connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_id_refused_at_max_connections_can_connect_again() {
-    let mut scene = Scene::start("", "max_connections = 2\n").await;
+    let mut scene = Scene::start("", "max_connections = 4\n").await;
     let port = scene.daemon.local;
     let mut holders = Vec::new();
     let refused = loop {

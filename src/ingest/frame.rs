@@ -201,6 +201,29 @@ pub fn cap_topic_alias_max(frame: &mut [u8], h: &Header, max: u16) -> bool {
     false
 }
 
+/// A complete QoS 0 PUBLISH frame re-framed as QoS 1 with packet id `pkid` (the id goes right
+/// after the topic; the rest, v5 properties included, is unchanged). None if `frame` is not a
+/// well-formed QoS 0 PUBLISH.
+pub fn qos0_to_qos1(frame: &[u8], pkid: u16) -> Option<Vec<u8>> {
+    let h = header(frame, usize::MAX).ok()??;
+    if h.kind != Kind::Publish || h.qos() != 0 || h.frame_len != frame.len() {
+        return None;
+    }
+    let at = h.header_len;
+    let topic_len = usize::from(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]));
+    let split = at + 2 + topic_len;
+    if split > frame.len() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(frame.len() + 4);
+    out.push((frame[0] & !0b0110) | 0b0010);
+    put_remaining_length(&mut out, frame.len() - at + 2);
+    out.extend_from_slice(&frame[at..split]);
+    out.extend_from_slice(&pkid.to_be_bytes());
+    out.extend_from_slice(&frame[split..]);
+    Some(out)
+}
+
 /// Encode a remaining length (for frames the ingress writes itself).
 pub fn put_remaining_length(out: &mut Vec<u8>, mut len: usize) {
     loop {
@@ -255,6 +278,27 @@ mod tests {
         let mut v4 = vec![0x20, 2, 0, 0];
         let h = header(&v4, 100).unwrap().unwrap();
         assert!(!cap_topic_alias_max(&mut v4, &h, 64));
+    }
+
+    #[test]
+    fn a_qos0_publish_reframed_as_qos1_carries_the_packet_id() {
+        // Retained QoS 0 PUBLISH to "a/b", payload "xy".
+        let f = [0x31, 7, 0, 3, b'a', b'/', b'b', b'x', b'y'];
+        let q1 = qos0_to_qos1(&f, 0x1234).unwrap();
+        assert_eq!(
+            q1,
+            vec![0x33, 9, 0, 3, b'a', b'/', b'b', 0x12, 0x34, b'x', b'y']
+        );
+        let h = header(&q1, 100).unwrap().unwrap();
+        assert_eq!(
+            (h.qos(), h.retain(), publish_pkid(&q1, &h)),
+            (1, true, Some(0x1234))
+        );
+        assert!(qos0_to_qos1(&q1, 1).is_none(), "already QoS 1");
+        assert!(
+            qos0_to_qos1(&[0x30, 1, 0], 1).is_none(),
+            "truncated topic length"
+        );
     }
 
     #[test]

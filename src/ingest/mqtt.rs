@@ -517,6 +517,8 @@ struct Session<'a> {
     subs_cache: (u64, Vec<TopicFilter>),
     will: Option<(protocol::LastWill, Option<protocol::LastWillProperties>)>,
     pending: VecDeque<Pending>,
+    /// Packet id of the last QoS 1 copy handed to the embedded broker.
+    copy_pkid: u16,
     /// Bytes for the device.
     out: BytesMut,
     /// Bytes for the embedded broker.
@@ -649,6 +651,7 @@ impl<'a> Session<'a> {
             subs_cache: (u64::MAX, Vec::new()),
             will: will.map(|w| (w, will_props)),
             pending: VecDeque::new(),
+            copy_pkid: 0,
             out,
             to_broker: BytesMut::new(),
             grant,
@@ -677,7 +680,9 @@ impl<'a> Session<'a> {
         let silence = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
         let mut last_heard = tokio::time::Instant::now();
         let mut stopping = false;
-        // Frames already buffered after CONNECT.
+        // Frames already buffered after CONNECT / CONNACK (a persistent session's redelivery
+        // may follow the CONNACK in the same read).
+        self.take_broker_frames(&mut bbuf)?;
         self.take_frames(&mut inbuf).await?;
         loop {
             if !self.out.is_empty() {
@@ -721,15 +726,7 @@ impl<'a> Session<'a> {
                     if r? == 0 {
                         return Err(SessionError::Refused("embedded broker closed the connection".into()));
                     }
-                    // Whole frames only, so acknowledgements are never spliced into a packet.
-                    while let Some(h) = frame::header(&bbuf, usize::MAX).map_err(|e| SessionError::Refused(format!("broker framing: {e}")))? {
-                        let f = bbuf.split_to(h.frame_len);
-                        if h.kind == Kind::SubAck && !self.suback_fixups.is_empty() {
-                            self.fix_suback(f, &h)?;
-                        } else {
-                            self.out.extend_from_slice(&f);
-                        }
-                    }
+                    self.take_broker_frames(&mut bbuf)?;
                 }
                 _ = timer => {
                     self.shared.refuse(IngressRefusal::KeepAlive, &self.client_id, self.peer, "silent for 1.5x its keepalive");
@@ -740,6 +737,27 @@ impl<'a> Session<'a> {
                 }
             }
         }
+    }
+
+    /// Pass the broker's complete frames on to the device. Whole frames only, so
+    /// acknowledgements are never spliced into a packet.
+    fn take_broker_frames(&mut self, bbuf: &mut BytesMut) -> Result<(), SessionError> {
+        while let Some(h) = frame::header(bbuf, usize::MAX)
+            .map_err(|e| SessionError::Refused(format!("broker framing: {e}")))?
+        {
+            let f = bbuf.split_to(h.frame_len);
+            if h.kind == Kind::PubAck {
+                // For a local copy (device publishes themselves never reach the broker): the
+                // device must not see it.
+                continue;
+            }
+            if h.kind == Kind::SubAck && !self.suback_fixups.is_empty() {
+                self.fix_suback(f, &h)?;
+            } else {
+                self.out.extend_from_slice(&f);
+            }
+        }
+        Ok(())
     }
 
     /// Decode and act on the complete frames in `inbuf` while the in-flight window has room;
@@ -1098,7 +1116,10 @@ impl<'a> Session<'a> {
         if !routed {
             shared.metrics.ingress_unrouted.inc();
         }
-        // Local fan-out: a QoS 0 copy for the embedded broker, only when someone may want it.
+        // Local fan-out: a copy for the embedded broker, only when someone may want it. A QoS 1
+        // or 2 publish goes on as QoS 1 under the ingress's own packet id (the broker's PUBACK
+        // for it is swallowed), so local QoS 1 subscribers and persistent sessions keep their
+        // guarantees; QoS 0 stays QoS 0.
         if retain || self.local_interest(&topic) {
             let mut copy = Publish::new(
                 Bytes::from(topic.into_bytes()),
@@ -1114,11 +1135,20 @@ impl<'a> Session<'a> {
                     p
                 }),
             };
+            let mut encoded = BytesMut::new();
             self.proto
-                .write(Packet::Publish(copy, copy_props), &mut self.to_broker)
+                .write(Packet::Publish(copy, copy_props), &mut encoded)
                 .map_err(|e| {
                     SessionError::Refused(format!("encoding for the local broker: {e}"))
                 })?;
+            if qos > 0 {
+                self.copy_pkid = self.copy_pkid.checked_add(1).unwrap_or(1).max(1);
+                let f = frame::qos0_to_qos1(&encoded, self.copy_pkid)
+                    .ok_or_else(|| SessionError::Refused("re-framing the local copy".into()))?;
+                self.to_broker.extend_from_slice(&f);
+            } else {
+                self.to_broker.extend_from_slice(&encoded);
+            }
         }
         match qos {
             1 => self.pending.push_back(Pending {

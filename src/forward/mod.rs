@@ -342,8 +342,10 @@ impl Forwarder {
                     // Empty means caught up: wait for the next commit. (A short batch may be
                     // cut by size, so only an empty one says so.)
                     more = !rows.is_empty();
-                    if let Some(last) = rows.last() {
-                        cursor = last.seq;
+                    // Max, not last: dead letters replayed under their original (lower) seqs
+                    // come back before newer rows (see `queue` invariants).
+                    if let Some(max) = rows.iter().map(|r| r.seq).max() {
+                        cursor = cursor.max(max);
                     }
                     ready.extend(rows);
                 }

@@ -900,6 +900,7 @@ impl<'a> Session<'a> {
             };
             shared.metrics.ingested.inc();
             let msg = NewMessage {
+                route: spec.name.clone(),
                 topic: upstream_topic,
                 payload: publish.payload.clone(),
                 dedup_key,
@@ -1046,6 +1047,7 @@ impl<'a> Session<'a> {
                 let _ = shared
                     .store
                     .enqueue(NewMessage {
+                        route: spec.name.clone(),
                         topic: t,
                         payload: will.message.clone(),
                         dedup_key: None,

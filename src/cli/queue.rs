@@ -105,7 +105,9 @@ pub enum QueueCliError {
 impl QueueCliError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            QueueCliError::Usage(_) => super::EXIT_USAGE,
+            QueueCliError::Usage(_) | QueueCliError::Store(StoreError::NoSuchRoute { .. }) => {
+                super::EXIT_USAGE
+            }
             QueueCliError::Store(StoreError::Missing { .. }) => super::EXIT_NOINPUT,
             QueueCliError::Store(
                 StoreError::NotADatabase { .. }

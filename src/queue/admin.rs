@@ -99,12 +99,12 @@ impl Admin {
     }
 
     fn route_id(&self, ledger: &Ledger, name: &str) -> Result<i64, StoreError> {
-        ledger.route_id(name).ok_or_else(|| StoreError::Open {
-            path: self.path.clone(),
-            detail: format!(
-                "no route named {name:?} in this store (see `edgeferry queue stats` for the names)"
-            ),
-        })
+        ledger
+            .route_id(name)
+            .ok_or_else(|| StoreError::NoSuchRoute {
+                path: self.path.clone(),
+                route: name.to_string(),
+            })
     }
 
     /// Per-route counters, from `stats` and one indexed read per route: no row is counted.

@@ -84,6 +84,9 @@ pub enum StoreError {
     /// The store thread has stopped.
     #[error("store is closed")]
     Closed,
+    /// `edgeferry queue --route` names a route the store has never seen.
+    #[error("store.path {path}: no route named {route:?} in this store (`edgeferry queue stats` lists them)")]
+    NoSuchRoute { path: PathBuf, route: String },
     /// `edgeferry queue` was pointed at a file that does not exist.
     #[error("store.path {path}: no such file (has the daemon run with this configuration?)")]
     Missing { path: PathBuf },

@@ -17,9 +17,15 @@ fn main() -> ExitCode {
             ) {
                 e.exit();
             }
-            // One line: clap's first, without its "error: " prefix and usage block.
+            // One line: clap's message (its lines joined), without the usage block.
             let text = e.render().to_string();
-            let line = text.lines().next().unwrap_or("bad arguments");
+            let line = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
             return fail(EXIT_USAGE, line.trim_start_matches("error: "));
         }
     };

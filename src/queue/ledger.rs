@@ -179,6 +179,10 @@ impl Delta {
             .map(|(_, n)| n.clone())
     }
 
+    pub fn has_new_routes(&self) -> bool {
+        !self.new_routes.is_empty()
+    }
+
     pub fn new_route_ids(&self) -> impl Iterator<Item = i64> + '_ {
         self.new_routes.iter().map(|(i, _)| *i)
     }

@@ -259,7 +259,7 @@ impl Store {
         options: StoreOptions,
         metrics: Arc<Metrics>,
     ) -> Result<Store, StoreError> {
-        let conn = schema::open(path, options.sync)?;
+        let mut conn = schema::open(path, options.sync)?;
         let epoch: String = conn
             .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
                 r.get(0)
@@ -267,7 +267,21 @@ impl Store {
             .map_err(|e| schema::classify(path, e))?;
         // Nothing here reads in proportion to the backlog: counters come from `stats`, the
         // highest seq from the end of the rowid b-tree, so READY does not wait for a scan.
-        let ledger = Ledger::load(&conn).map_err(|e| schema::classify(path, e))?;
+        let mut ledger = Ledger::load(&conn).map_err(|e| schema::classify(path, e))?;
+        // Configured routes are listed (by `edgeferry queue stats`, --route) before their first
+        // message.
+        let mut names: Vec<&String> = options.routes.keys().collect();
+        names.sort();
+        let mut d = Delta::default();
+        for name in names {
+            d.route(&ledger, &Arc::from(name.as_str()));
+        }
+        if d.has_new_routes() {
+            let tx = conn.transaction().map_err(|e| schema::classify(path, e))?;
+            d.write(&tx).map_err(|e| schema::classify(path, e))?;
+            tx.commit().map_err(|e| schema::classify(path, e))?;
+            ledger.apply(&d);
+        }
         let depth = ledger.total(ledger::DEPTH).max(0) as u64;
         let dead = dead_total(&ledger);
         let (last_seq, reserved): (i64, i64) = conn

@@ -262,3 +262,60 @@ async fn purge_while_devices_publish_loses_nothing_else() {
         (num(route(&stats(&d.config_path), "live"), &["depth"]) == 0).then_some(())
     });
 }
+
+/// The shipped Grafana dashboard is valid JSON, and every metric it queries is one the daemon
+/// exports (after a message, an upstream PUBACK and a dead letter, so labelled series exist).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_json_parses_and_every_metric_it_uses_is_exported() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/packaging/grafana-dashboard.json"
+    ))
+    .unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    assert!(dash["panels"].as_array().is_some_and(|p| p.len() >= 6));
+
+    let up = Upstream::start(BrokerKind::Rumqttd);
+    let collector = Collector::start(up.v5, "up/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &DaemonConfig::new("v5", up.v5));
+    let p = payloads("dash", 5);
+    publish_all(d.local, "dev-dash", "devices/dash", p.clone()).await;
+    collector.wait_all(&p, Duration::from_secs(20)).await;
+    let exported: HashSet<String> = wait_for("per-route gauges", Duration::from_secs(10), || {
+        let names: HashSet<String> = scrape(d.metrics)?
+            .keys()
+            .map(|k| k.split('{').next().unwrap_or(k).to_string())
+            .collect();
+        names
+            .contains("edgeferry_queue_route_depth")
+            .then_some(names)
+    });
+    let mut used = HashSet::new();
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("edgeferry_") {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[i + name.len()..];
+        used.insert(name);
+    }
+    assert!(used.len() >= 10, "{used:?}");
+    // Labelled families with no series yet (no dead letter so far) are declared by # TYPE.
+    let raw = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", d.metrics)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut t = String::new();
+        s.read_to_string(&mut t).unwrap();
+        t
+    };
+    for name in &used {
+        assert!(
+            exported.contains(name) || raw.contains(&format!("# TYPE {name} ")),
+            "the dashboard uses {name}, which /metrics does not export"
+        );
+    }
+}

@@ -7,15 +7,34 @@
 //!   the row survives kill -9 and power loss; with `sync = "normal"` it survives kill -9 but the
 //!   last commits may be lost on power loss. Only committed rows are ever handed to the
 //!   forwarder, and an ingest caller's completion (`Enqueued::Committed`) fires only after COMMIT.
-//! - **Deleted only on acknowledgement.** A row leaves `messages` only through [`StoreHandle::ack`]
-//!   (the upstream's PUBACK for it) or [`StoreHandle::dead_letter`] (the upstream refused it, or
-//!   the forwarder quarantined it: see `forward`; the row moves to `dead_letters` with a reason
-//!   in the same transaction). Nothing else deletes.
-//! - **Ids are stable and never reused.** `seq` is an `AUTOINCREMENT` rowid: strictly increasing,
-//!   never reused even after the table empties. The message id sent upstream is
+//! - **Deleted only on acknowledgement, or by a counted policy.** A row leaves `messages` through
+//!   [`StoreHandle::ack`] (the upstream's PUBACK for it), [`StoreHandle::dead_letter`] (the
+//!   upstream refused it, or the forwarder quarantined it: see `forward`; the row moves to
+//!   `dead_letters` with a reason in the same transaction), or a policy the operator configured:
+//!   overflow of a bound (`drop-oldest`, in the transaction of the insert that needed the room),
+//!   a route's `ttl` (to `dead_letters` as `expired`, or dropped), or `edgeferry queue purge`
+//!   ([`admin`]). Every policy removal is counted in `stats` (`drop.<reason>`) in the same
+//!   transaction. Nothing else deletes.
+//! - **Ids are stable and never reused.** `seq` is allocated by the store thread, strictly
+//!   increasing. `meta.seq_reserved` is always at least every seq handed out: the commit that
+//!   would pass it advances it by [`SEQ_BLOCK`] in the same transaction, and a start continues
+//!   above it, so even a crash after the queue drained cannot hand out an id again (a crash skips
+//!   at most one block; a clean stop gives the unused part back). No AUTOINCREMENT: its
+//!   `sqlite_sequence` page was written by every commit. The message id sent upstream is
 //!   `{gateway}-{epoch}-{seq}`, where `epoch` is random per store file, so a recreated store
-//!   cannot collide with ids a consumer has already seen. A resend carries the same id.
-//! - **Order.** Rows are returned in `seq` order, i.e. commit order.
+//!   cannot collide with ids a consumer has already seen. A resend carries the same id, and so
+//!   does a dead letter replayed by `edgeferry queue` (it gets its original seq back; no live row
+//!   can hold it).
+//! - **Order.** Rows are returned in `seq` order, i.e. commit order; replayed dead letters below
+//!   the reader's position come first.
+//! - **Counters.** `stats` holds, per route, depth, bytes, drops and dead letters by reason,
+//!   changed by deltas in the transaction that changes the rows, by this thread or by
+//!   `edgeferry queue`; this thread reloads them when `PRAGMA data_version` says another
+//!   connection committed. Nothing at open reads in proportion to the backlog.
+//! - **Bounds.** Accounted bytes (topic + payload + [`ROW_OVERHEAD`]) stay within
+//!   `max_bytes`, lowered so that `min_free` stays free on the filesystem, after every commit;
+//!   `reject-new` inserts that do not fit are never committed (held uncommitted, without
+//!   completion, so their devices get no PUBACK).
 //! - **Crash.** Writes are buffered for at most `commit_interval` (or `commit_batch` messages)
 //!   and executed in one transaction. A crash loses only the uncommitted buffer: inserts whose
 //!   completion never fired, and acks whose delete was not yet committed (those rows are resent:

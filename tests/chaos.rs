@@ -518,6 +518,9 @@ async fn full_disk_holds_devices_back_feeds_the_watchdog_and_loses_nothing() {
     let link = LinkProxy::start(up.v5, false);
     let mut cfg = DaemonConfig::new("v5", link.port);
     cfg.store_path = Some(disk.dir.join("queue.db"));
+    // What this test is about: a disk filled by something else, with no space kept free by
+    // the queue (min_free would make drop-oldest routes drop instead of holding devices back).
+    cfg.store_extra = "min_free = \"0%\"\n".into();
     cfg.env = vec![
         (
             "NOTIFY_SOCKET".into(),

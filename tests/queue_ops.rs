@@ -319,3 +319,90 @@ async fn dashboard_json_parses_and_every_metric_it_uses_is_exported() {
         );
     }
 }
+
+/// A tmpfs, unmounted on drop; None where this machine does not let us mount.
+struct Tmpfs {
+    dir: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let o = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .ok()?;
+        if !o.status.success() {
+            eprintln!("SKIPPED: cannot mount a tmpfs here");
+            return None;
+        }
+        Some(Tmpfs {
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
+}
+
+/// `store.min_free` on a small filesystem: an outage fills the queue until half the tmpfs is
+/// left, then the oldest are dropped and counted; commits never fail, devices keep getting
+/// PUBACKs, the newest are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_free_keeps_space_on_a_small_filesystem_by_dropping_the_oldest() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = Tmpfs::mount(&dir.path().join("disk"), "16m") else {
+        return;
+    };
+    let up = Upstream::start(BrokerKind::Rumqttd);
+    let link = LinkProxy::start(up.v5, false);
+    let mut cfg = DaemonConfig::new("v5", link.port);
+    cfg.store_path = Some(disk.dir.join("queue.db"));
+    cfg.store_extra = "min_free = \"8MiB\"\n".into();
+    let d = Daemon::start(dir.path(), &cfg);
+    let all: Vec<Vec<u8>> = (0..40_000)
+        .map(|i| format!("{i:06}/{}", "y".repeat(200)).into_bytes())
+        .collect();
+    for chunk in all.chunks(2000) {
+        publish_all(d.local, "dev-fill", "devices/fill", chunk.to_vec()).await;
+    }
+    d.wait_metric("edgeferry_committed_total", all.len() as u64);
+    assert_eq!(d.metric("edgeferry_store_commit_errors_total"), 0);
+    let dropped = d.metric("edgeferry_queue_dropped_total{reason=\"overflow\"}");
+    assert!(dropped > 0, "nothing dropped: min_free not enforced");
+    let used = file_bytes(&d.db_path());
+    let free = {
+        let o = Command::new("df")
+            .args(["-B1", "--output=avail"])
+            .arg(&disk.dir)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    eprintln!("FIGURE min_free: 40000 x 207 B on a 16MiB tmpfs with min_free 8MiB: dropped {dropped}, store {used} bytes, {free} bytes free");
+    // Tolerance: the check runs once a second and a commit group in between may overshoot.
+    assert!(free >= 7 << 20, "only {free} bytes left free");
+    let (code, out, err) = queue(&d.config_path, &["export"]);
+    assert_eq!(code, 0, "{err}");
+    let kept = lines(&out);
+    let last = kept.last().unwrap()["payload"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        last.as_bytes(),
+        all.last().unwrap().as_slice(),
+        "the newest is kept"
+    );
+    assert_eq!(kept.len() as u64 + dropped, all.len() as u64);
+}

@@ -159,7 +159,7 @@ impl Admin {
             });
         }
         let file_bytes = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
-            + std::fs::metadata(self.path.with_extension("db-wal"))
+            + std::fs::metadata(super::wal_path(&self.path))
                 .map(|m| m.len())
                 .unwrap_or(0);
         Ok(QueueStats {

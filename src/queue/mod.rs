@@ -559,7 +559,7 @@ struct Worker {
     data_version: i64,
     /// Seqs `edgeferry queue dead-letters replay` put back, not yet handed to the forwarder.
     replayed: BTreeSet<i64>,
-    /// Free bytes on the store's filesystem less `min_free`, and when it was read.
+    /// The limit `min_free` sets (accounted bytes), and when the filesystem was read for it.
     free: Option<(i64, Instant)>,
     /// Drop episodes per (route, reason): count so far and when the last one happened.
     episodes: HashMap<(i64, &'static str), (u64, Instant)>,
@@ -1198,18 +1198,17 @@ impl Worker {
             .free
             .is_some_and(|(_, at)| at.elapsed() < Duration::from_secs(1));
         if !fresh {
-            let headroom = self.fs_headroom();
-            self.free = headroom.map(|h| (h, Instant::now()));
-            if headroom.is_none() {
-                self.free = Some((i64::MAX, Instant::now()));
-            }
+            // Anchored to the usage it was measured at: growth since is counted against it.
+            let used = accounted(
+                self.ledger.total(ledger::BYTES),
+                self.ledger.total(ledger::DEPTH),
+            );
+            let limit = self
+                .fs_headroom()
+                .map_or(i64::MAX, |h| used.saturating_add(h));
+            self.free = Some((limit, Instant::now()));
         }
-        let headroom = self.free.map_or(i64::MAX, |(h, _)| h);
-        let used = accounted(
-            self.ledger.total(ledger::BYTES),
-            self.ledger.total(ledger::DEPTH),
-        );
-        max.min(used.saturating_add(headroom))
+        max.min(self.free.map_or(i64::MAX, |(l, _)| l))
     }
 
     /// Free bytes on the store's filesystem beyond `min_free`, plus the file's free pages.
@@ -1223,14 +1222,29 @@ impl Worker {
         let avail = (st.f_bavail as i64).saturating_mul(frsize);
         let size = (st.f_blocks as i64).saturating_mul(frsize);
         let min_free = ((size as f64) * self.options.min_free_percent / 100.0) as i64;
-        let min_free = min_free.max(self.options.min_free_bytes as i64);
+        // At most half the filesystem: on a small one, the 100MiB default would leave the queue
+        // no room at all.
+        let min_free = min_free
+            .max(self.options.min_free_bytes as i64)
+            .min(size / 2);
+        if min_free <= 0 {
+            // Turned off: a full disk fails commits, which holds devices back (no drops).
+            return None;
+        }
         let pragma = |name: &str| -> i64 {
             self.conn
                 .query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
                 .unwrap_or(0)
         };
-        let free_pages = pragma("freelist_count") * pragma("page_size");
-        Some(avail - min_free + free_pages)
+        let page = pragma("page_size");
+        let free_pages = pragma("freelist_count") * page;
+        // The WAL grows to about 1000 pages (the auto-checkpoint) before it is reused from its
+        // start; what it has yet to grow is not free for rows.
+        let wal = std::fs::metadata(wal_path(&self.path)).map_or(0, |m| m.len() as i64);
+        let avail = avail - (1000 * page - wal).max(0);
+        // Below min_free (something else filled the disk) the queue stops growing but keeps what
+        // it has: dropping rows would not give the filesystem anything back.
+        Some((avail - min_free).max(0) + free_pages)
     }
 
     /// Count dropped messages and log once per episode (see [`EPISODE_QUIET`]).
@@ -1625,6 +1639,13 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         enqueued_ms: r.get::<_, Option<i64>>(3).ok().flatten().unwrap_or(0),
         defect,
     })
+}
+
+/// SQLite's write-ahead log beside the store file.
+pub fn wal_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push("-wal");
+    PathBuf::from(p)
 }
 
 /// Most rows whose fetch times are remembered (see `Worker::attempts`).

@@ -842,7 +842,7 @@ async fn a_refused_store_with_a_wal_next_to_it_is_left_byte_identical() {
         let c = rusqlite::Connection::open(&src).unwrap();
         c.execute_batch(&format!(
             "PRAGMA wal_autocheckpoint = 0; PRAGMA user_version = {};
-             INSERT INTO messages (topic, payload, enqueued_ms) VALUES ('t', x'00', 0);",
+             INSERT INTO messages (route, size, topic, payload, enqueued_ms) VALUES (0, 2, 't', x'00', 0);",
             edgeferry::queue::SCHEMA_VERSION + 1
         ))
         .unwrap();

@@ -1,11 +1,34 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use edgeferry::cli::{Cli, Command, EXIT_CONFIG, EXIT_FAILURE};
+use edgeferry::cli::{Cli, Command, EXIT_CONFIG, EXIT_FAILURE, EXIT_USAGE};
 use edgeferry::config::Config;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // One line: clap's message (its lines joined), without the usage block.
+            let text = e.render().to_string();
+            let line = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
+            return fail(EXIT_USAGE, line.trim_start_matches("error: "));
+        }
+    };
     match cli.command {
         Command::Passwd {
             file,
@@ -16,6 +39,16 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(line) => fail(EXIT_FAILURE, &line),
         },
+        Command::Queue { config, json, op } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(line) => return fail(EXIT_CONFIG, &line),
+            };
+            match edgeferry::cli::queue::run(&config.store.path, json, op) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e.exit_code(), &e.to_string()),
+            }
+        }
         Command::Check { config } => match load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());

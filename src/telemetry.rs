@@ -394,9 +394,117 @@ pub struct Metrics {
     pub commit_latency: Histogram,
     /// From publish to PUBACK upstream.
     pub upstream_ack_latency: Histogram,
+    /// Messages dropped from the queue by a policy, by reason (index = position in
+    /// `queue::DROP_REASONS`).
+    pub queue_dropped: [Counter; 5],
+    /// Rows moved to the dead-letter table because their route's ttl passed.
+    pub dead_lettered_expired: Counter,
+    /// Bytes queued (topic + payload).
+    pub queue_bytes: Gauge,
+    /// Inserts of reject-new routes held back (uncommitted, their devices wait for PUBACK).
+    pub queue_held: Gauge,
+    /// Per-route queue gauges and dead letters by reason, refreshed by the store each second.
+    pub queue_routes: std::sync::Mutex<QueueGauges>,
+}
+
+/// Per-route gauges and dead letters by reason.
+pub type QueueGauges = (Vec<RouteGauges>, Vec<(String, u64)>);
+
+/// One route's queue, as the store last saw it.
+#[derive(Debug, Clone, Default)]
+pub struct RouteGauges {
+    pub route: String,
+    pub depth: u64,
+    pub bytes: u64,
+    pub oldest_age_seconds: f64,
+}
+
+/// `write_bytes` of /proc/self/io: what this process caused to be written to storage (flash
+/// wear), page cache writeback included. None where /proc is unavailable.
+pub fn disk_write_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Escape a label value for the Prometheus text format.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Metrics {
+    /// Count messages a queue policy dropped (`reason` is one of `queue::DROP_REASONS`).
+    pub fn count_queue_drop(&self, reason: &str, n: u64) {
+        if let Some(i) = crate::queue::DROP_REASONS.iter().position(|r| *r == reason) {
+            self.queue_dropped[i].add(n);
+        }
+    }
+
+    /// Replace the per-route gauges and the dead letters by reason.
+    pub fn set_queue_routes(&self, routes: Vec<RouteGauges>, dead: Vec<(String, u64)>) {
+        if let Ok(mut g) = self.queue_routes.lock() {
+            *g = (routes, dead);
+        }
+    }
+
+    fn render_queue(&self, out: &mut String) {
+        let _ = writeln!(out, "# HELP edgeferry_queue_dropped_total Messages dropped from the queue by a policy (overflow, expired, purged, rejected, dead-letter-expired)\n# TYPE edgeferry_queue_dropped_total counter");
+        for (reason, c) in crate::queue::DROP_REASONS.iter().zip(&self.queue_dropped) {
+            let _ = writeln!(
+                out,
+                "edgeferry_queue_dropped_total{{reason=\"{reason}\"}} {}",
+                c.get()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "edgeferry_dead_lettered_total{{reason=\"expired\"}} {}",
+            self.dead_lettered_expired.get()
+        );
+        let _ = writeln!(out, "# HELP edgeferry_queue_bytes Bytes queued (topic + payload)\n# TYPE edgeferry_queue_bytes gauge\nedgeferry_queue_bytes {}", self.queue_bytes.get());
+        let _ = writeln!(out, "# HELP edgeferry_queue_held Inserts of reject-new routes held back without PUBACK\n# TYPE edgeferry_queue_held gauge\nedgeferry_queue_held {}", self.queue_held.get());
+        let (routes, dead) = self
+            .queue_routes
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default();
+        for (name, help) in [
+            ("queue_route_depth", "Messages queued per route"),
+            ("queue_route_bytes", "Bytes queued per route"),
+            (
+                "queue_oldest_age_seconds",
+                "Age of the oldest queued message per route (data freshness)",
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP edgeferry_{name} {help}\n# TYPE edgeferry_{name} gauge"
+            );
+            for r in &routes {
+                let v = match name {
+                    "queue_route_depth" => r.depth as f64,
+                    "queue_route_bytes" => r.bytes as f64,
+                    _ => r.oldest_age_seconds,
+                };
+                let _ = writeln!(out, "edgeferry_{name}{{route=\"{}\"}} {v}", label(&r.route));
+            }
+        }
+        let _ = writeln!(out, "# HELP edgeferry_dead_letters_by_reason Rows in the dead-letter table, by reason\n# TYPE edgeferry_dead_letters_by_reason gauge");
+        for (reason, n) in &dead {
+            let _ = writeln!(
+                out,
+                "edgeferry_dead_letters_by_reason{{reason=\"{}\"}} {n}",
+                label(reason)
+            );
+        }
+        if let Some(b) = disk_write_bytes() {
+            let _ = writeln!(out, "# HELP edgeferry_process_disk_written_bytes_total Bytes this process caused to be written to storage (/proc/self/io write_bytes)\n# TYPE edgeferry_process_disk_written_bytes_total counter\nedgeferry_process_disk_written_bytes_total {b}");
+        }
+    }
+
     /// Count a row moved to the dead-letter table.
     pub fn count_dead_letter(&self, reason: DeadLetterReason) {
         let i = DeadLetterReason::ALL
@@ -602,6 +710,7 @@ impl Metrics {
         for (name, g, help) in gauges {
             let _ = writeln!(out, "# HELP edgeferry_{name} {help}\n# TYPE edgeferry_{name} gauge\nedgeferry_{name} {}", g.get());
         }
+        self.render_queue(&mut out);
         for (name, h, help) in [
             (
                 "commit_latency_seconds",

@@ -518,6 +518,9 @@ async fn full_disk_holds_devices_back_feeds_the_watchdog_and_loses_nothing() {
     let link = LinkProxy::start(up.v5, false);
     let mut cfg = DaemonConfig::new("v5", link.port);
     cfg.store_path = Some(disk.dir.join("queue.db"));
+    // What this test is about: a disk filled by something else, with no space kept free by
+    // the queue (min_free would make drop-oldest routes drop instead of holding devices back).
+    cfg.store_extra = "min_free = \"0%\"\n".into();
     cfg.env = vec![
         (
             "NOTIFY_SOCKET".into(),
@@ -843,7 +846,7 @@ async fn a_refused_store_with_a_wal_next_to_it_is_left_byte_identical() {
         let c = rusqlite::Connection::open(&src).unwrap();
         c.execute_batch(&format!(
             "PRAGMA wal_autocheckpoint = 0; PRAGMA user_version = {};
-             INSERT INTO messages (topic, payload, enqueued_ms) VALUES ('t', x'00', 0);",
+             INSERT INTO messages (route, size, topic, payload, enqueued_ms) VALUES (0, 2, 't', x'00', 0);",
             edgeferry::queue::SCHEMA_VERSION + 1
         ))
         .unwrap();

@@ -360,3 +360,82 @@ fn the_readme_install_section_matches_the_package() {
     );
     assert!(include_str!("../packaging/edgeferry.service").contains("StateDirectory=edgeferry"));
 }
+
+/// `edgeferry queue`: every bad argument, a missing store, a store from a newer schema and a
+/// config that is not valid each get one line on standard error and their own exit status
+/// (64 usage, 66 no store, 78 store or config unusable), and change nothing.
+#[test]
+fn queue_bad_input_gets_one_line_and_an_exit_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, valid_config(dir.path())).unwrap();
+    let c = cfg.to_str().unwrap();
+    let one_line = |o: &Output, code: i32, needle: &str| {
+        let err = stderr(o);
+        assert_eq!(o.status.code(), Some(code), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        assert!(err.contains(needle), "{needle:?} in {err}");
+    };
+    // No store yet.
+    one_line(
+        &edgeferry(&["queue", "--config", c, "stats"]),
+        66,
+        "no such file",
+    );
+    // Make one: start and stop the daemon.
+    let mut d = Daemon::start(dir.path(), &DaemonConfig::new("v5", free_port()));
+    let c2 = d.config_path.to_str().unwrap().to_string();
+    assert_eq!(d.terminate(), Some(0));
+    let c = c2.as_str();
+    for (args, needle) in [
+        (vec!["stats", "--bogus"], "--bogus"),
+        (vec!["frobnicate"], "frobnicate"),
+        (vec!["peek", "--limit", "many"], "many"),
+        (vec!["peek", "--route", "nowhere"], "nowhere"),
+        (vec!["purge", "--route", "devices/#"], "--older-than"),
+        (
+            vec!["purge", "--route", "devices/#", "--older-than", "soon"],
+            "soon",
+        ),
+        (
+            vec!["purge", "--route", "devices/#", "--older-than", "1h"],
+            "--yes",
+        ),
+        (vec!["dead-letters", "replay"], "--all"),
+        (vec!["dead-letters", "purge", "--all"], "--yes"),
+        (vec!["dead-letters", "show", "12"], "no dead letter"),
+        (vec!["dead-letters", "show", "x"], "x"),
+    ] {
+        let mut full = vec!["queue", "--config", c];
+        full.extend(&args);
+        one_line(&edgeferry(&full), 64, needle);
+    }
+    // Good input, for contrast: JSON that parses.
+    let o = edgeferry(&["queue", "--config", c, "--json", "stats"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["routes"].is_array());
+    // A store from a newer schema.
+    let db = d.db_path();
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch("PRAGMA user_version = 99").unwrap();
+    }
+    one_line(
+        &edgeferry(&["queue", "--config", c, "stats"]),
+        78,
+        "newer than this edgeferry",
+    );
+    // A config that does not validate.
+    std::fs::write(dir.path().join("bad.toml"), "[gateway]\n").unwrap();
+    one_line(
+        &edgeferry(&[
+            "queue",
+            "--config",
+            dir.path().join("bad.toml").to_str().unwrap(),
+            "stats",
+        ]),
+        78,
+        "bad.toml",
+    );
+}

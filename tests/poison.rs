@@ -86,11 +86,20 @@ fn plant(db: &Path, rows: &[Planted]) -> Vec<i64> {
     let mut seqs = Vec::new();
     for r in rows {
         tx.execute(
-            "INSERT INTO messages (topic, payload, enqueued_ms) VALUES (CAST(?1 AS TEXT), ?2, 0)",
+            "INSERT INTO messages (route, size, topic, payload, enqueued_ms)
+             VALUES (0, length(?1) + length(?2), CAST(?1 AS TEXT), ?2, 0)",
             rusqlite::params![r.topic, r.payload],
         )
         .unwrap();
         seqs.push(tx.last_insert_rowid());
+        // The store's kept counters, as its own inserts keep them.
+        tx.execute(
+            "INSERT INTO stats (route, name, value)
+             VALUES (0, 'depth', 1), (0, 'bytes', length(?1) + length(?2))
+             ON CONFLICT (route, name) DO UPDATE SET value = value + excluded.value",
+            rusqlite::params![r.topic, r.payload],
+        )
+        .unwrap();
     }
     tx.commit().unwrap();
     seqs
@@ -108,7 +117,10 @@ fn epoch(db: &Path) -> String {
 fn dead_letters(db: &Path) -> Vec<(i64, String)> {
     let conn = rusqlite::Connection::open(db).unwrap();
     let mut st = conn
-        .prepare("SELECT seq, reason FROM dead_letters ORDER BY seq")
+        .prepare(
+            "SELECT seq, CASE WHEN detail = '' THEN reason ELSE reason || ': ' || detail END
+             FROM dead_letters ORDER BY seq",
+        )
         .unwrap();
     let rows = st
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))

@@ -63,6 +63,78 @@ pub struct Config {
     pub telemetry: Telemetry,
     #[serde(default)]
     pub shutdown: Shutdown,
+    #[serde(default)]
+    pub dead_letters: DeadLetters,
+}
+
+/// `[dead_letters]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLetters {
+    /// Dead letters older than this are removed (counted). Default 30d.
+    pub retain: HumanDuration,
+}
+
+impl Default for DeadLetters {
+    fn default() -> Self {
+        DeadLetters {
+            retain: HumanDuration(Duration::from_secs(30 * 86_400)),
+        }
+    }
+}
+
+/// What a route does when its bound, or the store's, is reached.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overflow {
+    /// Drop the route's oldest messages (counted). For telemetry, where the newest matters.
+    #[default]
+    DropOldest,
+    /// Commit nothing more for the route: devices get no PUBACK (serial ports no ack) and are
+    /// held back until room frees.
+    RejectNew,
+    /// Drop from the lowest-priority routes first. Needs route priorities, which this version
+    /// does not have yet; refused by validation.
+    DropLowestPriority,
+}
+
+/// What happens to a message whose route's `ttl` passed.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnExpiry {
+    /// Move it to the dead letters with reason "expired".
+    #[default]
+    DeadLetter,
+    /// Delete it (counted as dropped, reason "expired").
+    Drop,
+}
+
+/// `store.min_free`: "5%" of the filesystem, or a size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MinFree {
+    Percent(f64),
+    Bytes(u64),
+}
+
+impl<'de> Deserialize<'de> for MinFree {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<MinFree, D::Error> {
+        let text = String::deserialize(d)?;
+        let t = text.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            let v: f64 = p.trim().parse().map_err(|_| {
+                serde::de::Error::custom(format!("{text:?} is not a percentage like \"5%\""))
+            })?;
+            if !(0.0..=90.0).contains(&v) {
+                return Err(serde::de::Error::custom(format!(
+                    "{text:?}: a percentage from 0% to 90%"
+                )));
+            }
+            return Ok(MinFree::Percent(v));
+        }
+        units::parse_size(t)
+            .map(MinFree::Bytes)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// `[gateway]`
@@ -167,6 +239,16 @@ pub struct Store {
     /// Most messages per commit. Default 1024.
     #[serde(default = "default_commit_batch")]
     pub commit_batch: usize,
+    /// Most bytes the queued messages may take (topic + payload + 64 bytes each, which tracks
+    /// the file's size). Beyond it routes overflow per their policy. Default 512MiB.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// Free space the queue leaves on its filesystem. Default: the larger of 5% and 100MiB.
+    pub min_free: Option<MinFree>,
+}
+
+fn default_max_bytes() -> ByteSize {
+    ByteSize(512 << 20)
 }
 
 fn default_commit_interval() -> HumanDuration {
@@ -286,6 +368,27 @@ pub struct Route {
     /// Ingest dedup key: "property:NAME" (MQTT 5 user property) or "json:/pointer" (RFC 6901
     /// pointer into a JSON payload). Default: none.
     pub dedup: Option<String>,
+    /// Names the route in the queue (stats, metrics, `edgeferry queue --route`). Default: `from`.
+    pub name: Option<String>,
+    /// Most bytes (topic + payload + 64 each) of this route's queued messages. Default: none.
+    pub max_bytes: Option<ByteSize>,
+    /// Most messages of this route queued. Default: none.
+    pub max_messages: Option<u64>,
+    /// "drop-oldest" (default), "reject-new" or "drop-lowest-priority".
+    #[serde(default)]
+    pub overflow: Overflow,
+    /// Messages older than this expire. Default: never.
+    pub ttl: Option<HumanDuration>,
+    /// "dead-letter" (default) or "drop".
+    #[serde(default)]
+    pub on_expiry: OnExpiry,
+}
+
+impl Route {
+    /// The route's name in the queue.
+    pub fn queue_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.from)
+    }
 }
 
 fn default_to() -> String {
@@ -389,6 +492,8 @@ pub struct RouteSpec {
     pub filter: TopicFilter,
     pub template: Template,
     pub dedup: Option<DedupKey>,
+    /// The route's name in the queue (`name`, else `from`).
+    pub name: std::sync::Arc<str>,
 }
 
 impl Config {
@@ -608,6 +713,43 @@ impl Config {
             self.route_spec(i, r)
                 .map_err(|(k, p)| bad(&format!("route[{i}].{k}"), p))?;
         }
+        let mut route_names = std::collections::HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let name = r.queue_name();
+            if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+                return Err(bad(
+                    &format!("route[{i}].name"),
+                    "1-256 characters, no control characters".into(),
+                ));
+            }
+            if !route_names.insert(name.to_string()) {
+                return Err(bad(
+                    &format!("route[{i}].name"),
+                    format!("{name:?} names another route too; give each route its own name"),
+                ));
+            }
+            if r.overflow == Overflow::DropLowestPriority {
+                return Err(bad(
+                    &format!("route[{i}].overflow"),
+                    "\"drop-lowest-priority\" needs route priorities, which this version does not have; use \"drop-oldest\" or \"reject-new\"".into(),
+                ));
+            }
+            if r.max_messages == Some(0) || r.max_bytes.is_some_and(|b| b.0 == 0) {
+                return Err(bad(
+                    &format!("route[{i}].max_messages"),
+                    "bounds must be above 0".into(),
+                ));
+            }
+            if r.ttl.is_some_and(|t| t.0.is_zero()) {
+                return Err(bad(&format!("route[{i}].ttl"), "must be above 0".into()));
+            }
+        }
+        if self.store.max_bytes.0 < 1 << 20 {
+            return Err(bad("store.max_bytes", "must be at least 1MiB".into()));
+        }
+        if self.dead_letters.retain.0.is_zero() {
+            return Err(bad("dead_letters.retain", "must be above 0".into()));
+        }
         let mut names = std::collections::HashSet::new();
         for (i, port) in self.serial.iter().enumerate() {
             port.validate()
@@ -661,7 +803,45 @@ impl Config {
             filter,
             template,
             dedup,
+            name: r.queue_name().into(),
         })
+    }
+
+    /// The queue's bounds and expiry per route name (routes and serial ports).
+    pub fn store_options(&self) -> crate::queue::StoreOptions {
+        let (min_free_percent, min_free_bytes) = match self.store.min_free {
+            None => (5.0, 100 << 20),
+            Some(MinFree::Percent(p)) => (p, 0),
+            Some(MinFree::Bytes(b)) => (0.0, b),
+        };
+        let routes = self
+            .routes
+            .iter()
+            .map(|r| {
+                (
+                    r.queue_name().to_string(),
+                    crate::queue::RoutePolicy {
+                        max_bytes: r.max_bytes.map(|b| b.0),
+                        max_messages: r.max_messages,
+                        overflow: r.overflow,
+                        ttl: r.ttl.map(|t| t.0),
+                        on_expiry: r.on_expiry,
+                    },
+                )
+            })
+            .collect();
+        crate::queue::StoreOptions {
+            sync: self.store.sync,
+            commit_interval: self.store.commit_interval.0,
+            commit_batch: self.store.commit_batch,
+            dedup_window: self.dedup.window.0,
+            dedup_max_keys: self.dedup.max_keys,
+            max_bytes: self.store.max_bytes.0,
+            min_free_percent,
+            min_free_bytes,
+            routes,
+            dead_retain: self.dead_letters.retain.0,
+        }
     }
 
     /// The validated routes (call only on a config returned by `load`/`parse`).

@@ -352,8 +352,10 @@ impl Forwarder {
                     // tail. (A short batch may be cut by size, so only an empty one says so.)
                     more = !rows.is_empty();
                     tail = (!more).then_some(tail_rx);
-                    if let Some(last) = rows.last() {
-                        cursor = last.seq;
+                    // Max, not last: dead letters replayed under their original (lower) seqs
+                    // come back before newer rows (see `queue` invariants).
+                    if let Some(max) = rows.iter().map(|r| r.seq).max() {
+                        cursor = cursor.max(max);
                     }
                     ready.extend(rows);
                 }

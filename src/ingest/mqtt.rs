@@ -1103,6 +1103,7 @@ impl<'a> Session<'a> {
             };
             shared.metrics.ingested.inc();
             let msg = NewMessage {
+                route: spec.name.clone(),
                 topic: upstream_topic,
                 payload: publish.payload.clone(),
                 dedup_key,
@@ -1302,6 +1303,7 @@ impl<'a> Session<'a> {
                 let _ = shared
                     .store
                     .enqueue(NewMessage {
+                        route: spec.name.clone(),
                         topic: t,
                         payload: will.message.clone(),
                         dedup_key: None,

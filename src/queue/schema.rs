@@ -45,6 +45,84 @@ pub(super) const MIGRATIONS: &[&str] = &[
      DROP TABLE dedup;
      ALTER TABLE dedup_v2 RENAME TO dedup;
      CREATE INDEX dedup_by_age ON dedup (seen_ms);",
+    // 2 -> 3: the operator's queue. See the invariants in `queue` for what each part is for.
+    // - `messages` loses AUTOINCREMENT: its sqlite_sequence row was rewritten by every commit
+    //   (one more page per commit on flash). Seqs are allocated in memory instead, above a
+    //   high-water mark `meta.seq_reserved` that is advanced in blocks; it starts above every seq
+    //   the old table handed out (its sqlite_sequence, live rows, dead letters).
+    // - Each row names its route (`routes.id`) and keeps its size, so bounds, drops and stats are
+    //   kept per route without reading payloads. Small fixed columns come first so reading them
+    //   never touches a payload's overflow pages.
+    // - `stats` keeps counters (depth, bytes, drops, dead letters by reason) per route, updated
+    //   in the transaction that changes them: start-up and `edgeferry queue stats` read this
+    //   small table instead of counting rows. Computed here once, the only full scan.
+    // - Dead letters keep their route, first and last attempt, and the reason split into its
+    //   kind (`refused`, `expired`, ...) and the upstream's detail string.
+    // - `replayed` lists dead letters `edgeferry queue dead-letters replay` put back under their
+    //   original seqs, below where the forwarder reads; the store thread picks them up.
+    // Rows of the old table belong to route 0, "(before v3)".
+    "CREATE TABLE routes (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+     INSERT INTO routes (id, name) VALUES (0, '(before v3)');
+     CREATE TABLE messages_v3 (
+         seq INTEGER PRIMARY KEY,
+         route INTEGER NOT NULL,
+         enqueued_ms INTEGER NOT NULL,
+         expires_ms INTEGER,
+         size INTEGER NOT NULL,
+         topic TEXT NOT NULL,
+         payload BLOB NOT NULL
+     );
+     INSERT INTO messages_v3 (seq, route, enqueued_ms, expires_ms, size, topic, payload)
+         SELECT seq, 0, coalesce(enqueued_ms, 0), NULL,
+                coalesce(length(CAST(topic AS BLOB)), 0) + coalesce(length(CAST(payload AS BLOB)), 0),
+                topic, payload
+         FROM messages;
+     INSERT OR REPLACE INTO meta (key, value) SELECT 'seq_reserved', CAST(max(
+         coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0),
+         coalesce((SELECT max(seq) FROM messages), 0),
+         coalesce((SELECT max(seq) FROM dead_letters), 0)) AS TEXT);
+     DROP TABLE messages;
+     ALTER TABLE messages_v3 RENAME TO messages;
+     CREATE INDEX messages_by_route ON messages (route, seq);
+     CREATE TABLE dead_v3 (
+         seq INTEGER PRIMARY KEY,
+         route INTEGER NOT NULL,
+         enqueued_ms INTEGER NOT NULL,
+         first_attempt_ms INTEGER,
+         last_attempt_ms INTEGER,
+         failed_ms INTEGER NOT NULL,
+         size INTEGER NOT NULL,
+         reason TEXT NOT NULL,
+         detail TEXT NOT NULL,
+         topic TEXT NOT NULL,
+         payload BLOB NOT NULL
+     );
+     INSERT INTO dead_v3 (seq, route, enqueued_ms, first_attempt_ms, last_attempt_ms, failed_ms,
+                          size, reason, detail, topic, payload)
+         SELECT seq, 0, enqueued_ms, NULL, NULL, failed_ms,
+                coalesce(length(CAST(topic AS BLOB)), 0) + coalesce(length(CAST(payload AS BLOB)), 0),
+                CASE WHEN instr(reason, ':') > 0 THEN substr(reason, 1, instr(reason, ':') - 1)
+                     ELSE reason END,
+                CASE WHEN instr(reason, ':') > 0 THEN trim(substr(reason, instr(reason, ':') + 1))
+                     ELSE '' END,
+                topic, payload
+         FROM dead_letters;
+     DROP TABLE dead_letters;
+     ALTER TABLE dead_v3 RENAME TO dead_letters;
+     CREATE INDEX dead_letters_by_age ON dead_letters (failed_ms);
+     CREATE TABLE stats (
+         route INTEGER NOT NULL,
+         name TEXT NOT NULL,
+         value INTEGER NOT NULL,
+         PRIMARY KEY (route, name)
+     ) WITHOUT ROWID;
+     INSERT INTO stats (route, name, value)
+         SELECT route, 'depth', count(*) FROM messages GROUP BY route;
+     INSERT INTO stats (route, name, value)
+         SELECT route, 'bytes', sum(size) FROM messages GROUP BY route;
+     INSERT INTO stats (route, name, value)
+         SELECT route, 'dead.' || reason, count(*) FROM dead_letters GROUP BY route, reason;
+     CREATE TABLE replayed (seq INTEGER PRIMARY KEY);",
 ];
 
 /// Map an SQLite error to what the operator needs to know.
@@ -203,7 +281,8 @@ pub fn open(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
         "PRAGMA synchronous = {sync};
          PRAGMA busy_timeout = 5000;
          PRAGMA journal_size_limit = 16777216;
-         PRAGMA temp_store = MEMORY;
+         PRAGMA temp_store = FILE;
+         PRAGMA cache_size = -2000;
          PRAGMA foreign_keys = OFF;"
     ))
     .map_err(c)?;
@@ -238,4 +317,35 @@ fn migrate(conn: &Connection, from: i64, fresh: bool) -> rusqlite::Result<()> {
             Err(e)
         }
     }
+}
+
+/// Open an existing store for `edgeferry queue`, beside a daemon that may be running: never
+/// creates, never migrates (the daemon owns the schema), waits for the daemon's short write
+/// transactions instead of failing. A store of an older schema is refused: the daemon of this
+/// version upgrades it when it starts.
+pub fn open_admin(path: &Path, write: bool) -> Result<Connection, StoreError> {
+    if !path.is_file() {
+        return Err(StoreError::Missing {
+            path: path.to_path_buf(),
+        });
+    }
+    inspect(path)?;
+    let mut flags = OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    flags |= if write {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+    };
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e))?;
+    let (fresh, version) = identity(path, &conn)?;
+    if fresh || version < SCHEMA_VERSION {
+        return Err(StoreError::TooOld {
+            path: path.to_path_buf(),
+            found: version,
+            known: SCHEMA_VERSION,
+        });
+    }
+    conn.execute_batch("PRAGMA busy_timeout = 5000; PRAGMA temp_store = FILE;")
+        .map_err(|e| classify(path, e))?;
+    Ok(conn)
 }

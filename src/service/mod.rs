@@ -17,7 +17,7 @@ use crate::forward::{Downlink, Forwarder};
 use crate::ingest::broker::LocalBroker;
 use crate::ingest::mqtt::{IngestError, Ingress};
 use crate::ingest::serial::{self, SerialContext};
-use crate::queue::{Store, StoreError, StoreOptions};
+use crate::queue::{Store, StoreError};
 use crate::route::TopicFilter;
 use crate::telemetry::{self, Metrics};
 
@@ -65,17 +65,7 @@ impl ServiceError {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
     let metrics = Arc::new(Metrics::default());
     let settings = Settings::from_config(&config).map_err(ServiceError::Upstream)?;
-    let store = Store::open(
-        &config.store.path,
-        StoreOptions {
-            sync: config.store.sync,
-            commit_interval: config.store.commit_interval.0,
-            commit_batch: config.store.commit_batch,
-            dedup_window: config.dedup.window.0,
-            dedup_max_keys: config.dedup.max_keys,
-        },
-        metrics.clone(),
-    )?;
+    let store = Store::open(&config.store.path, config.store_options(), metrics.clone())?;
     let broker = LocalBroker::new(&config)?;
     // Bind the device listeners before anything starts: "address in use" is a start-up error.
     let ingress = Ingress::bind(

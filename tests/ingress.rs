@@ -394,3 +394,95 @@ async fn kill_9_under_load_loses_no_acknowledged_message() {
     }
     assert!(acked_total > 1000);
 }
+
+/// File-descriptor exhaustion attempt: the daemon runs with a 1024-descriptor limit while a
+/// hostile client churns through thousands of sockets that never send CONNECT. Connections
+/// beyond `local.max_handshakes` (default 256) are closed at accept, silent ones after
+/// `local.connect_timeout`, so descriptors never run out; a good device connects and gets its
+/// messages committed every time, and the log stays short. Connect times are printed (a figure,
+/// not an assertion).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fd_exhaustion_by_silent_sockets_leaves_good_devices_served() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = DaemonConfig::new("v5", free_port());
+    cfg.local_extra =
+        "connect_timeout = \"1s\"\nmax_connections_per_address = 4000\nmax_connections = 4000\n"
+            .into();
+    let d = Daemon::start(dir.path(), &cfg);
+    let pid = d.pid().unwrap();
+    let ok = std::process::Command::new("prlimit")
+        .args([format!("--pid={pid}"), "--nofile=1024:1024".into()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("SKIPPED: prlimit is not available");
+        return;
+    }
+    let local = d.local;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hostile: Vec<_> = (0..2)
+        .map(|_| {
+            let stop2 = stop.clone();
+            std::thread::spawn(move || {
+                let mut open = std::collections::VecDeque::new();
+                let mut opened = 0u64;
+                while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", local)) {
+                        open.push_back(s);
+                        opened += 1;
+                    }
+                    if open.len() > 1500 {
+                        open.pop_front();
+                    }
+                }
+                opened
+            })
+        })
+        .collect();
+    let good = tokio::task::spawn_blocking(move || {
+        let mut times = Vec::new();
+        for i in 0..40u16 {
+            let t = std::time::Instant::now();
+            let mut dev = RawDevice::connect(local, &format!("good-{i}"), false);
+            dev.publish(b"devices/good", format!("good-{i}").as_bytes(), 1, 1);
+            match dev.read(WAIT) {
+                Got::Packet(p) if p[0] == 0x40 => {}
+                other => panic!("good device {i}: expected PUBACK, got {other:?}"),
+            }
+            times.push(t.elapsed());
+            let _ = dev.stream.write_all(&[0xe0, 0x00]);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        times
+    })
+    .await
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let opened: u64 = hostile.into_iter().map(|h| h.join().unwrap()).sum();
+    let mut sorted = good.clone();
+    sorted.sort();
+    eprintln!(
+        "fd churn: {opened} hostile sockets; good device connect+PUBACK p50 {:?}, max {:?}",
+        sorted[sorted.len() / 2],
+        sorted[sorted.len() - 1]
+    );
+    assert!(
+        opened > 1024,
+        "the attack must outnumber the descriptors: {opened}"
+    );
+    let m = scrape(d.metrics).unwrap();
+    assert_eq!(m["edgeferry_committed_total"], 40);
+    let text = reqwest_metrics(d.metrics);
+    assert!(
+        !text.contains("edgeferry_ingress_refused_total{reason=\"handshake-limit\"} 0"),
+        "the handshake cap never applied:\n{text}"
+    );
+    let log = d.log_text();
+    let loud = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .count();
+    assert!(loud <= 30, "{loud} WARN/ERROR lines:\n{log}");
+}

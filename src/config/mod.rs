@@ -165,8 +165,9 @@ pub struct Local {
     pub max_inflight: u32,
     /// A device must send CONNECT within this long after its TCP connection. Default 10s.
     pub connect_timeout: HumanDuration,
-    /// Most connections that have not sent CONNECT yet; more are closed at accept, so sockets
-    /// that never speak cannot use up file descriptors. Default 256.
+    /// Most connections that have not sent CONNECT yet; when all are taken the longest silent is
+    /// closed to make room, so sockets that never speak cannot use up file descriptors nor keep
+    /// a device out. Default 256.
     pub max_handshakes: usize,
     /// Most connections from one source address. Default 64.
     pub max_connections_per_address: usize,

@@ -36,7 +36,7 @@ use rumqttd::protocol::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -124,7 +124,10 @@ struct Shared {
     connect_timeout: Duration,
     max_per_address: usize,
     max_connections: usize,
-    handshakes: Semaphore,
+    /// Connections that have not sent CONNECT yet, oldest first (see `Shared::handshake`).
+    handshakes: Mutex<VecDeque<(u64, CancellationToken)>>,
+    handshake_seq: AtomicU64,
+    max_handshakes: usize,
     per_address: Mutex<HashMap<IpAddr, usize>>,
     live: Live,
     logs: RefusalLogs,
@@ -170,7 +173,9 @@ impl Ingress {
                 connect_timeout: l.connect_timeout.0,
                 max_per_address: l.max_connections_per_address,
                 max_connections: l.max_connections,
-                handshakes: Semaphore::new(l.max_handshakes),
+                handshakes: Mutex::new(VecDeque::new()),
+                handshake_seq: AtomicU64::new(0),
+                max_handshakes: l.max_handshakes,
                 per_address: Mutex::new(HashMap::new()),
                 live: Live::default(),
                 logs: RefusalLogs::default(),
@@ -341,15 +346,6 @@ async fn accept_loop(
             );
             continue;
         }
-        let Ok(handshake) = shared.clone().handshakes_permit() else {
-            shared.refuse(
-                IngressRefusal::HandshakeLimit,
-                "",
-                peer,
-                "local.max_handshakes connections have not sent CONNECT yet",
-            );
-            continue;
-        };
         let Some(address) = AddressSlot::take(&shared, peer.ip()) else {
             shared.refuse(
                 IngressRefusal::AddressLimit,
@@ -359,6 +355,7 @@ async fn accept_loop(
             );
             continue;
         };
+        let handshake = shared.clone().handshake(peer);
         shared.live.enter();
         let shared2 = shared.clone();
         let stop = shutdown.clone();
@@ -376,24 +373,53 @@ async fn accept_loop(
 }
 
 impl Shared {
-    fn handshakes_permit(self: Arc<Self>) -> Result<HandshakePermit, ()> {
-        match self.handshakes.try_acquire() {
-            Ok(p) => {
-                p.forget();
-                Ok(HandshakePermit(Some(self.clone())))
-            }
-            Err(_) => Err(()),
+    /// A place among the connections that have not sent CONNECT yet. When all
+    /// `local.max_handshakes` places are taken, the connection silent for longest is closed to
+    /// make room: a device that speaks at once always gets in, while sockets that never speak
+    /// cannot hold the ingress (nor its file descriptors) for long.
+    fn handshake(self: Arc<Self>, peer: SocketAddr) -> HandshakePermit {
+        let evict = CancellationToken::new();
+        let id = self.handshake_seq.fetch_add(1, Ordering::Relaxed);
+        let oldest = {
+            let mut q = self.handshakes.lock().unwrap_or_else(|e| e.into_inner());
+            let oldest = (q.len() >= self.max_handshakes)
+                .then(|| q.pop_front())
+                .flatten();
+            q.push_back((id, evict.clone()));
+            oldest
+        };
+        if let Some((_, token)) = oldest {
+            token.cancel();
+            self.refuse(
+                IngressRefusal::HandshakeLimit,
+                "",
+                peer,
+                "local.max_handshakes connections had not sent CONNECT; the longest silent was closed",
+            );
+        }
+        HandshakePermit {
+            shared: Some(self),
+            id,
+            evict,
         }
     }
 }
 
-/// A slot among the connections that have not completed CONNECT; released once they have.
-struct HandshakePermit(Option<Arc<Shared>>);
+/// A place among the connections that have not completed CONNECT; released once they have.
+/// `evict` fires when a newer connection needed the place.
+struct HandshakePermit {
+    shared: Option<Arc<Shared>>,
+    id: u64,
+    evict: CancellationToken,
+}
 
 impl HandshakePermit {
     fn release(&mut self) {
-        if let Some(s) = self.0.take() {
-            s.handshakes.add_permits(1);
+        if let Some(s) = self.shared.take() {
+            let mut q = s.handshakes.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = q.iter().position(|(id, _)| *id == self.id) {
+                q.remove(i);
+            }
         }
     }
 }
@@ -558,6 +584,7 @@ impl<'a> Session<'a> {
                 }
             },
             _ = shutdown.cancelled() => return Ok(()),
+            _ = handshake.evict.cancelled() => return Ok(()),
         };
         let Packet::Connect(mut connect, props, will, will_props, login) = connect else {
             shared.refuse(

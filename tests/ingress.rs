@@ -486,3 +486,44 @@ async fn fd_exhaustion_by_silent_sockets_leaves_good_devices_served() {
         .count();
     assert!(loud <= 30, "{loud} WARN/ERROR lines:\n{log}");
 }
+
+/// A payload over `local.max_payload` closes that device's connection, is counted, and is
+/// logged once with the client id and the size; other devices are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_payload_is_refused_counted_and_logged_with_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = DaemonConfig::new("v5", free_port());
+    cfg.local_extra = "max_payload = \"1KiB\"\n".into();
+    let d = Daemon::start(dir.path(), &cfg);
+    let local = d.local;
+    tokio::task::spawn_blocking(move || {
+        let mut big = RawDevice::connect(local, "big-sender", false);
+        big.publish(b"devices/big", &vec![b'x'; 200 * 1024], 1, 1);
+        assert!(
+            big.closed_within(SHORT),
+            "the oversized sender is disconnected"
+        );
+        let mut ok = RawDevice::connect(local, "small-sender", false);
+        ok.publish(b"devices/small", b"fits", 1, 1);
+        assert!(matches!(ok.read(SHORT), Got::Packet(p) if p[0] == 0x40));
+    })
+    .await
+    .unwrap();
+    let text = reqwest_metrics(d.metrics);
+    assert!(
+        text.contains("edgeferry_ingress_refused_total{reason=\"oversized\"} 1"),
+        "{text}"
+    );
+    let log = d.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("oversized"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(
+        lines[0].contains("big-sender") && lines[0].contains("bytes"),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(queued_rows(&d.db_path()).len(), 1);
+}

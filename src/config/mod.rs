@@ -122,6 +122,19 @@ pub struct Local {
     pub max_subscriptions: usize,
     /// Most QoS 2 publishes one connection may have awaiting PUBREL. Default 32.
     pub max_qos2_inflight: usize,
+    /// Publishes per second one connection may sustain (token bucket); a device above it is
+    /// slowed down (its socket is not read until a token is there), not disconnected.
+    /// 0 = no limit. Default 0: the right figure depends on the fleet, and the in-flight window
+    /// already bounds what a fast device makes edgeferry hold.
+    pub max_rate: u32,
+    /// Publishes a connection may send at once above `max_rate` (the bucket's size). Default 0:
+    /// one second's worth of `max_rate`.
+    pub rate_burst: u32,
+    /// Longest keepalive a device may ask for (and keepalive 0, "never", counts as longer): MQTT 5
+    /// devices are told this one in CONNACK (server keep alive); MQTT 3.1.1 devices, which
+    /// cannot be told, get CONNACK 0x02 as Mosquitto's `max_keepalive` does. 1s-65535s.
+    /// Default 65535s.
+    pub max_keepalive: HumanDuration,
 }
 
 impl Default for Local {
@@ -145,6 +158,9 @@ impl Default for Local {
             max_topic_levels: 16,
             max_subscriptions: 64,
             max_qos2_inflight: 32,
+            max_rate: 0,
+            rate_burst: 0,
+            max_keepalive: HumanDuration(Duration::from_secs(65535)),
         }
     }
 }

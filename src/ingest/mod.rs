@@ -8,5 +8,6 @@ pub mod broker;
 pub mod frame;
 pub mod limits;
 pub mod mqtt;
+pub mod rate;
 pub mod security;
 pub mod serial;

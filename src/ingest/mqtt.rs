@@ -48,7 +48,8 @@ use crate::service::systemd::{answer, ProbeRx};
 use crate::telemetry::{IngressRefusal, Metrics, SecurityRefusal};
 
 use super::frame::{self, Kind};
-use super::limits::Limits;
+use super::limits::{KeepAlive, Limits};
+use super::rate::{self, Throttle};
 use super::security::{self, Grant, Security};
 
 /// Why the local side could not start.
@@ -523,6 +524,10 @@ struct Session<'a> {
     /// SUBSCRIBE packet ids whose broker SUBACK needs the codes of refused filters put back in
     /// (position, code); see [`security::splice_codes`].
     suback_fixups: HashMap<u16, Vec<(usize, SubscribeReasonCode)>>,
+    /// `local.max_rate` for this connection.
+    throttle: Throttle,
+    /// Over its rate: nothing more is read or decoded until then.
+    throttled_until: Option<tokio::time::Instant>,
 }
 
 impl<'a> Session<'a> {
@@ -562,12 +567,26 @@ impl<'a> Session<'a> {
             return Ok(());
         };
         let client_id = connect.client_id.clone();
+        let keep_alive = shared
+            .limits
+            .keepalive(connect.keep_alive, proto == Proto::V5);
         // Credentials and the will's topic are decided here; a refused CONNECT never reaches
         // the broker.
         let admitted = match shared.limits.check_client_id(&client_id) {
             Err(detail) => {
                 let why = SecurityRefusal::ClientIdLength;
                 shared.security.refuse(why, "", &peer.to_string(), &detail);
+                Err(protocol::ConnectReturnCode::ClientIdentifierNotValid)
+            }
+            Ok(()) if keep_alive == KeepAlive::Refuse => {
+                let detail = format!(
+                    "keepalive {} s (0 = never) above local.max_keepalive = {} s",
+                    connect.keep_alive, shared.limits.max_keepalive
+                );
+                let why = SecurityRefusal::KeepAlive;
+                shared
+                    .security
+                    .refuse(why, &client_id, &peer.to_string(), &detail);
                 Err(protocol::ConnectReturnCode::ClientIdentifierNotValid)
             }
             Ok(()) => {
@@ -600,7 +619,24 @@ impl<'a> Session<'a> {
                 return Ok(());
             }
         };
-        let keep_alive = connect.keep_alive;
+        let server_keep_alive = match keep_alive {
+            KeepAlive::Cap(k) => {
+                let detail = format!(
+                    "keepalive {} s (0 = never) capped to local.max_keepalive = {k} s",
+                    connect.keep_alive
+                );
+                let why = SecurityRefusal::KeepAlive;
+                shared
+                    .security
+                    .refuse(why, &client_id, &peer.to_string(), &detail);
+                Some(k)
+            }
+            _ => None,
+        };
+        let keep_alive = match keep_alive {
+            KeepAlive::Accept(k) | KeepAlive::Cap(k) => k,
+            KeepAlive::Refuse => connect.keep_alive,
+        };
         let clean = connect.clean_session;
         // The broker must not time the device out on its own: telemetry never reaches it, so the
         // ingress enforces the device's keepalive and the internal connection asks for none.
@@ -625,7 +661,7 @@ impl<'a> Session<'a> {
         .await
         .map_err(|_| SessionError::Refused("embedded broker CONNACK timed out".into()))??;
         let mut out = BytesMut::with_capacity(READ_CHUNK);
-        let accepted = relay_connack(proto, connack, &mut out)?;
+        let accepted = relay_connack(proto, connack, server_keep_alive, &mut out)?;
         device.write_all(&out).await?;
         out.clear();
         handshake.release();
@@ -648,6 +684,12 @@ impl<'a> Session<'a> {
             to_broker: BytesMut::new(),
             grant,
             suback_fixups: HashMap::new(),
+            throttle: Throttle::new(
+                shared.limits.max_rate,
+                shared.limits.rate_burst,
+                std::time::Instant::now(),
+            ),
+            throttled_until: None,
         };
         shared.metrics.ingress_connections.add(1);
         let result = s
@@ -686,7 +728,10 @@ impl<'a> Session<'a> {
             if stopping && self.pending.is_empty() {
                 return Ok(());
             }
-            let reading = !stopping && self.pending.len() < self.shared.max_inflight;
+            let reading = !stopping
+                && self.pending.len() < self.shared.max_inflight
+                && self.throttled_until.is_none();
+            let throttled = self.throttled_until;
             let timer = async {
                 match silence {
                     Some(s) => tokio::time::sleep_until(last_heard + s).await,
@@ -726,6 +771,14 @@ impl<'a> Session<'a> {
                         }
                     }
                 }
+                _ = sleep_until_some(throttled), if throttled.is_some() => {
+                    self.throttled_until = None;
+                    // The device did speak: its unread publishes are in the buffer.
+                    last_heard = tokio::time::Instant::now();
+                    if !stopping && self.take_frames(&mut inbuf).await? {
+                        return Ok(());
+                    }
+                }
                 _ = timer => {
                     self.shared.refuse(IngressRefusal::KeepAlive, &self.client_id, self.peer, "silent for 1.5x its keepalive");
                     return Err(SessionError::Refused("keepalive expired".into()));
@@ -741,7 +794,7 @@ impl<'a> Session<'a> {
     /// true when the device disconnected.
     async fn take_frames(&mut self, inbuf: &mut BytesMut) -> Result<bool, SessionError> {
         loop {
-            if self.pending.len() >= self.shared.max_inflight {
+            if self.pending.len() >= self.shared.max_inflight || self.throttled_until.is_some() {
                 return Ok(false);
             }
             let h = match frame::header(inbuf, self.shared.max_frame) {
@@ -763,6 +816,10 @@ impl<'a> Session<'a> {
             };
             match h.kind {
                 Kind::Publish => {
+                    if let Some(until) = self.over_rate() {
+                        self.throttled_until = Some(until);
+                        return Ok(false);
+                    }
                     let qos = h.qos();
                     let pkid = frame::publish_pkid(inbuf, &h);
                     let retain = h.retain();
@@ -924,6 +981,35 @@ impl<'a> Session<'a> {
                 self.write(Packet::SubAck(ack, props))
             }
             _ => Err(SessionError::Refused("broker SUBACK did not decode".into())),
+        }
+    }
+
+    /// `local.max_rate`: Some(instant) when the next PUBLISH must wait for its token. Counted
+    /// per publish; logged (and counted as a refusal) once per episode.
+    fn over_rate(&mut self) -> Option<tokio::time::Instant> {
+        let now = std::time::Instant::now();
+        let (decision, ended) = self.throttle.next(now);
+        if let Some(e) = ended {
+            debug!(client = %self.client_id, peer = %self.peer, lasted = ?e.lasted, waits = e.waits,
+                "device back under local.max_rate");
+        }
+        match decision {
+            rate::Decision::Go => None,
+            rate::Decision::Wait { until, first } => {
+                self.shared.metrics.ingress_rate_limited.inc();
+                if first {
+                    let detail = format!(
+                        "publishing faster than local.max_rate = {}/s; slowed down (not read) until it is under",
+                        self.shared.limits.max_rate
+                    );
+                    let peer = self.peer.to_string();
+                    let why = SecurityRefusal::Rate;
+                    self.shared
+                        .security
+                        .refuse(why, &self.client_id, &peer, &detail);
+                }
+                Some(tokio::time::Instant::from_std(until))
+            }
         }
     }
 
@@ -1306,6 +1392,14 @@ fn poll_front(
 
 use std::future::Future as _;
 
+/// Sleep until `at`; never ready for None (the select! branch is disabled then anyway).
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Read until one whole frame is buffered; return it (split off `buf`).
 async fn read_frame(
     s: &mut TcpStream,
@@ -1357,6 +1451,7 @@ async fn read_connect(
 fn relay_connack(
     proto: Proto,
     mut frame: BytesMut,
+    server_keep_alive: Option<u16>,
     out: &mut BytesMut,
 ) -> Result<bool, SessionError> {
     let h = frame::header(&frame, usize::MAX)
@@ -1369,6 +1464,12 @@ fn relay_connack(
     let accepted = frame::connack_code(&frame, &h) == Some(0);
     if proto == Proto::V5 {
         frame::cap_topic_alias_max(&mut frame, &h, TOPIC_ALIAS_MAX);
+        if let Some(with) =
+            server_keep_alive.and_then(|k| frame::with_server_keep_alive(&frame, &h, k))
+        {
+            out.extend_from_slice(&with);
+            return Ok(accepted);
+        }
     }
     out.extend_from_slice(&frame);
     Ok(accepted)

@@ -135,6 +135,15 @@ pub struct Local {
     /// cannot be told, get CONNACK 0x02 as Mosquitto's `max_keepalive` does. 1s-65535s.
     /// Default 65535s.
     pub max_keepalive: HumanDuration,
+    /// Most bytes of user properties (names and values) in one MQTT 5 publish; more get PUBACK
+    /// 0x97 (quota exceeded). Default 8KiB.
+    pub max_user_property_bytes: ByteSize,
+    /// Most retained messages the embedded broker holds (all devices together); a retained
+    /// publish on a new topic beyond it gets PUBACK 0x97 (MQTT 3.1.1: disconnected). Default 1000.
+    pub max_retained: usize,
+    /// Most bytes (topic and payload) of retained messages the embedded broker holds.
+    /// Default 16MiB.
+    pub max_retained_bytes: ByteSize,
 }
 
 impl Default for Local {
@@ -161,6 +170,9 @@ impl Default for Local {
             max_rate: 0,
             rate_burst: 0,
             max_keepalive: HumanDuration(Duration::from_secs(65535)),
+            max_user_property_bytes: ByteSize(8 << 10),
+            max_retained: 1000,
+            max_retained_bytes: ByteSize(16 << 20),
         }
     }
 }

@@ -39,6 +39,18 @@ pub(super) fn validate(
             "must be between 1s and 65535s (MQTT keepalives are whole seconds in 16 bits)".into(),
         ));
     }
+    if local.max_retained == 0 {
+        return Err(bad(
+            "local.max_retained",
+            "must be at least 1 (retained messages cannot be switched off)".into(),
+        ));
+    }
+    if local.max_retained_bytes.0 < local.max_payload.0 {
+        return Err(bad(
+            "local.max_retained_bytes",
+            "must be at least local.max_payload".into(),
+        ));
+    }
     if local.max_rate == 0 && local.rate_burst != 0 {
         return Err(bad(
             "local.rate_burst",

@@ -22,6 +22,7 @@ pub struct Limits {
     pub max_keepalive: u16,
     pub max_rate: u32,
     pub rate_burst: u32,
+    pub max_user_property_bytes: usize,
 }
 
 /// What the ingress does with the keepalive a device asked for in CONNECT.
@@ -51,6 +52,8 @@ impl Limits {
                 .max(1),
             max_rate: l.max_rate,
             rate_burst: l.rate_burst,
+            max_user_property_bytes: usize::try_from(l.max_user_property_bytes.0)
+                .unwrap_or(usize::MAX),
         }
     }
 

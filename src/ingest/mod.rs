@@ -9,5 +9,6 @@ pub mod frame;
 pub mod limits;
 pub mod mqtt;
 pub mod rate;
+pub mod retained;
 pub mod security;
 pub mod serial;

@@ -50,6 +50,7 @@ use crate::telemetry::{IngressRefusal, Metrics, SecurityRefusal};
 use super::frame::{self, Kind};
 use super::limits::{KeepAlive, Limits};
 use super::rate::{self, Throttle};
+use super::retained::{self, RetainedBudget};
 use super::security::{self, Grant, Security};
 
 /// Why the local side could not start.
@@ -132,6 +133,8 @@ struct Shared {
     /// Passwords and ACLs (reloaded on SIGHUP through [`Ingress::security`]).
     security: Arc<Security>,
     limits: Limits,
+    /// Retained messages the embedded broker holds, bounded.
+    retained: RetainedBudget,
 }
 
 impl Ingress {
@@ -177,6 +180,7 @@ impl Ingress {
                 logs: RefusalLogs::default(),
                 security,
                 limits: Limits::from_config(l),
+                retained: RetainedBudget::new(l.max_retained, l.max_retained_bytes.0),
             }),
         })
     }
@@ -1113,6 +1117,16 @@ impl<'a> Session<'a> {
                 "payload format indicator says UTF-8, payload is not",
             );
         }
+        let user_bytes = props
+            .as_ref()
+            .map_or(0, |p| retained::user_property_bytes(&p.user_properties));
+        if user_bytes > self.shared.limits.max_user_property_bytes {
+            let detail = format!(
+                "{user_bytes} bytes of user properties; local.max_user_property_bytes is {}",
+                self.shared.limits.max_user_property_bytes
+            );
+            return self.over_quota(qos, pkid, SecurityRefusal::UserProperties, &detail);
+        }
         if qos == 2 && self.qos2.contains(&pkid) {
             // A resend of a QoS 2 publish already taken: never queue it twice. Its PUBREC is
             // pending or was sent; send it (again) in order.
@@ -1121,6 +1135,11 @@ impl<'a> Session<'a> {
                 waits: Vec::new(),
             });
             return Ok(());
+        }
+        if retain {
+            if let Err(detail) = self.shared.retained.admit(&topic, publish.payload.len()) {
+                return self.over_quota(qos, pkid, SecurityRefusal::Retained, &detail);
+            }
         }
         let received = Instant::now();
         let mut waits = Vec::new();
@@ -1267,6 +1286,36 @@ impl<'a> Session<'a> {
                 waits: Vec::new(),
             }),
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// A publish beyond a memory limit: never queued or fanned out. v5 gets PUBACK/PUBREC 0x97
+    /// (quota exceeded) in order; v3.1.1 has no refusal code, so the device is disconnected.
+    fn over_quota(
+        &mut self,
+        qos: u8,
+        pkid: u16,
+        why: SecurityRefusal,
+        detail: &str,
+    ) -> Result<(), SessionError> {
+        let peer = self.peer.to_string();
+        self.shared
+            .security
+            .refuse(why, &self.client_id, &peer, detail);
+        if self.proto == Proto::V4 {
+            return Err(SessionError::Refused(detail.to_string()));
+        }
+        let ack = match qos {
+            1 => Some(Ack::PubAck(pkid, PubAckReason::QuotaExceeded)),
+            2 => Some(Ack::PubRec(pkid, PubRecReason::QuotaExceeded)),
+            _ => None,
+        };
+        if ack.is_some() {
+            self.pending.push_back(Pending {
+                ack,
+                waits: Vec::new(),
+            });
         }
         Ok(())
     }

@@ -445,3 +445,78 @@ fn measure_topic_cache_growth() {
         "RSS {before:.1} MiB; after {N} distinct routed topics without a local subscriber {no_sub:.1} MiB; after {N} more with a '#' subscriber {with_sub:.1} MiB"
     );
 }
+
+/// Hostile bytes close only the offending connection: malformed CONNECTs and PUBLISHes (bad
+/// remaining length, QoS 3, a string running past the frame, an unknown v5 property, a server
+/// packet, plain noise) each close their own connection and are counted, while a good device
+/// on another connection keeps getting its PUBACKs and nothing hostile is queued.
+#[test]
+fn hostile_connect_and_publish_bytes_close_only_their_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(dir.path(), "");
+    let mut good = RawDevice::connect(d.local_v5, "good", true);
+    let hostile: Vec<(&str, bool, Vec<u8>)> = vec![
+        (
+            "remaining length over 4 bytes",
+            false,
+            vec![0x10, 0xff, 0xff, 0xff, 0xff, 0x01],
+        ),
+        (
+            "CONNECT protocol name past the frame",
+            false,
+            vec![0x10, 4, 0, 200, b'M', b'Q'],
+        ),
+        // "GET " reads as a PUBACK header of 69 bytes: refused once they are in, not CONNECT.
+        ("noise", false, {
+            let mut f = b"GET / HTTP/1.1\r\nHost: gateway\r\n".to_vec();
+            f.resize(100, b' ');
+            f
+        }),
+        ("QoS 3 PUBLISH", false, {
+            let mut f = connect_frame("q3", false, 60);
+            f.extend([0x36, 6, 0, 1, b'a', 0, 1, b'x']);
+            f
+        }),
+        ("topic length past the frame", true, {
+            let mut f = connect_frame("tl", true, 60);
+            f.extend([0x32, 5, 0xff, 0xff, b'a', 0, 1]);
+            f
+        }),
+        ("unknown v5 property", true, {
+            let mut f = connect_frame("prop", true, 60);
+            f.extend(publish_frame(b"devices/p", b"x", 1, 1, true, &[0x7f, 0]));
+            f
+        }),
+        ("CONNACK from a client", false, {
+            let mut f = connect_frame("srv", false, 60);
+            f.extend([0x20, 2, 0, 0]);
+            f
+        }),
+    ];
+    for (i, (what, v5, bytes)) in hostile.iter().enumerate() {
+        let mut bad = RawDevice::open(if *v5 { d.local_v5 } else { d.local });
+        bad.send(bytes);
+        assert!(bad.closed_within(SHORT), "{what}: connection closed");
+        good.send(&publish_frame(
+            b"devices/good",
+            b"still here",
+            1,
+            i as u16 + 1,
+            true,
+            &[],
+        ));
+        match good.read(SHORT) {
+            Got::Packet(p) => assert_eq!(p[0], 0x40, "{what}: good device acknowledged"),
+            other => panic!("{what}: good device: {other:?}"),
+        }
+    }
+    assert!(counter(&d, "edgeferry_ingress_refused_total{reason=\"malformed\"}") >= 7);
+    drop(d);
+    let queued = queued_payloads(&dir.path().join("queue.db"));
+    assert_eq!(
+        queued.len(),
+        hostile.len(),
+        "only the good device's messages"
+    );
+    assert!(queued.iter().all(|p| p == b"still here"));
+}

@@ -5,6 +5,7 @@
 pub mod acl;
 pub mod auth;
 pub mod broker;
+pub mod decode;
 pub mod frame;
 pub mod limits;
 pub mod mqtt;

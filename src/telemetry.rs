@@ -346,6 +346,8 @@ pub struct Metrics {
     pub ingress_accept_errors: Counter,
     /// Device connections open now.
     pub ingress_connections: Gauge,
+    /// Device publishes that had to wait for a token of `local.max_rate` (the device was slowed).
+    pub ingress_rate_limited: Counter,
     /// Dedup keys found stamped in the future at start-up (the clock stepped back since they
     /// were stored) and re-stamped to the start-up time.
     pub ingest_dedup_restamped: Counter,
@@ -516,7 +518,12 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &Counter, &str); 21] = [
+        let counters: [(&str, &Counter, &str); 22] = [
+            (
+                "ingress_rate_limited_total",
+                &self.ingress_rate_limited,
+                "Device publishes that waited for a local.max_rate token (the device was slowed down)",
+            ),
             (
                 "upstream_poison_strikes_total",
                 &self.poison_strikes,

@@ -195,6 +195,28 @@ pub struct Local {
     pub max_subscriptions: usize,
     /// Most QoS 2 publishes one connection may have awaiting PUBREL. Default 32.
     pub max_qos2_inflight: usize,
+    /// Publishes per second one connection may sustain (token bucket); a device above it is
+    /// slowed down (its socket is not read until a token is there), not disconnected.
+    /// 0 = no limit. Default 0: the right figure depends on the fleet, and the in-flight window
+    /// already bounds what a fast device makes edgeferry hold.
+    pub max_rate: u32,
+    /// Publishes a connection may send at once above `max_rate` (the bucket's size). Default 0:
+    /// one second's worth of `max_rate`.
+    pub rate_burst: u32,
+    /// Longest keepalive a device may ask for (and keepalive 0, "never", counts as longer): MQTT 5
+    /// devices are told this one in CONNACK (server keep alive); MQTT 3.1.1 devices, which
+    /// cannot be told, get CONNACK 0x02 as Mosquitto's `max_keepalive` does. 1s-65535s.
+    /// Default 65535s.
+    pub max_keepalive: HumanDuration,
+    /// Most bytes of user properties (names and values) in one MQTT 5 publish; more get PUBACK
+    /// 0x97 (quota exceeded). Default 8KiB.
+    pub max_user_property_bytes: ByteSize,
+    /// Most retained messages the embedded broker holds (all devices together); a retained
+    /// publish on a new topic beyond it gets PUBACK 0x97 (MQTT 3.1.1: disconnected). Default 1000.
+    pub max_retained: usize,
+    /// Most bytes (topic and payload) of retained messages the embedded broker holds.
+    /// Default 16MiB.
+    pub max_retained_bytes: ByteSize,
 }
 
 impl Default for Local {
@@ -218,6 +240,12 @@ impl Default for Local {
             max_topic_levels: 16,
             max_subscriptions: 64,
             max_qos2_inflight: 32,
+            max_rate: 0,
+            rate_burst: 0,
+            max_keepalive: HumanDuration(Duration::from_secs(65535)),
+            max_user_property_bytes: ByteSize(8 << 10),
+            max_retained: 1000,
+            max_retained_bytes: ByteSize(16 << 20),
         }
     }
 }

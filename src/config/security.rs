@@ -32,5 +32,30 @@ pub(super) fn validate(
             return Err(bad(key, "must be between 1 and 65535".into()));
         }
     }
+    let ka = local.max_keepalive.0;
+    if ka < std::time::Duration::from_secs(1) || ka > std::time::Duration::from_secs(65535) {
+        return Err(bad(
+            "local.max_keepalive",
+            "must be between 1s and 65535s (MQTT keepalives are whole seconds in 16 bits)".into(),
+        ));
+    }
+    if local.max_retained == 0 {
+        return Err(bad(
+            "local.max_retained",
+            "must be at least 1 (retained messages cannot be switched off)".into(),
+        ));
+    }
+    if local.max_retained_bytes.0 < local.max_payload.0 {
+        return Err(bad(
+            "local.max_retained_bytes",
+            "must be at least local.max_payload".into(),
+        ));
+    }
+    if local.max_rate == 0 && local.rate_burst != 0 {
+        return Err(bad(
+            "local.rate_burst",
+            "needs local.max_rate (the burst is of a rate limit)".into(),
+        ));
+    }
     Ok(())
 }

@@ -102,9 +102,14 @@ fn broker_config(
     let connections = format!(
         "connection_timeout_ms = 10000\nmax_payload_size = {max_payload}\nmax_inflight_count = 100\ndynamic_filters = true\n",
     );
+    // Per-subscriber queue: rumqttd has no byte limit. A QoS 0 reader is handed up to
+    // max_outgoing_packet_count packets per read, and a connection stops being scheduled once
+    // its buffer holds MAX_CHANNEL_CAPACITY (200, a constant) notifications; QoS 1/2 readers
+    // are held to max_inflight_count. So a subscriber that never reads pins at most about 400
+    // packets (payloads shared with the filter's log, itself bounded by segment size x count).
     let mut text = format!(
         "id = 0\n\
-         [router]\nid = 0\nmax_connections = {}\nmax_outgoing_packet_count = 1024\nmax_segment_size = {segment}\nmax_segment_count = 4\n\
+         [router]\nid = 0\nmax_connections = {}\nmax_outgoing_packet_count = 200\nmax_segment_size = {segment}\nmax_segment_count = 4\n\
          [metrics.alerts]\npush_interval = 5\n[metrics.meters]\npush_interval = 86400\n\
          [v4.1]\nname = \"local-v4\"\nlisten = \"{v4}\"\nnext_connection_delay_ms = 0\n[v4.1.connections]\n{connections}",
         // The ingress enforces local.max_connections; the probes need a little room on top.

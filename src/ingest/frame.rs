@@ -224,6 +224,45 @@ pub fn qos0_to_qos1(frame: &[u8], pkid: u16) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// A complete MQTT 5 CONNACK frame with a Server Keep Alive property (0x13) set to `secs`,
+/// re-encoded (the lengths grow by three bytes). None when the frame is not a CONNACK with a
+/// readable property block; the caller then sends it unchanged.
+pub fn with_server_keep_alive(frame: &[u8], h: &Header, secs: u16) -> Option<Vec<u8>> {
+    if h.kind != Kind::ConnAck {
+        return None;
+    }
+    let body = frame.get(h.header_len..h.frame_len)?;
+    // Flags and reason code, then the property length varint.
+    let fixed = body.get(..2)?;
+    let mut i = 2;
+    let mut len = 0usize;
+    let mut shift = 0;
+    loop {
+        let b = *body.get(i)?;
+        len |= usize::from(b & 0x7f) << shift;
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+        if shift > 21 {
+            return None;
+        }
+    }
+    let props = body.get(i..i + len)?;
+    let mut new_props = vec![0x13];
+    new_props.extend_from_slice(&secs.to_be_bytes());
+    new_props.extend_from_slice(props);
+    let mut new_body = fixed.to_vec();
+    put_remaining_length(&mut new_body, new_props.len());
+    new_body.extend_from_slice(&new_props);
+    new_body.extend_from_slice(body.get(i + len..)?);
+    let mut out = vec![frame[0]];
+    put_remaining_length(&mut out, new_body.len());
+    out.extend_from_slice(&new_body);
+    Some(out)
+}
+
 /// Encode a remaining length (for frames the ingress writes itself).
 pub fn put_remaining_length(out: &mut Vec<u8>, mut len: usize) {
     loop {
@@ -302,6 +341,37 @@ mod tests {
     }
 
     #[test]
+    fn connack_gets_server_keep_alive() {
+        use bytes::BytesMut;
+        use rumqttd::protocol::{v5::V5, ConnAck, ConnAckProperties, ConnectReturnCode, Protocol};
+        let props = ConnAckProperties {
+            topic_alias_max: Some(64),
+            ..ConnAckProperties::default()
+        };
+        let mut f = BytesMut::new();
+        let ack = ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::Success,
+        };
+        V5.write(rumqttd::protocol::Packet::ConnAck(ack, Some(props)), &mut f)
+            .unwrap();
+        let h = header(&f, usize::MAX).unwrap().unwrap();
+        let out = with_server_keep_alive(&f, &h, 90).unwrap();
+        // Decode it as a client would (rumqttd only decodes client packets: read the property).
+        let h2 = header(&out, usize::MAX).unwrap().unwrap();
+        assert_eq!(h2.frame_len, out.len());
+        assert_eq!(connack_code(&out, &h2), Some(0));
+        let props_at = h2.header_len + 3;
+        assert_eq!(&out[props_at..props_at + 3], &[0x13, 0, 90]);
+        let mut capped = out.clone();
+        assert!(cap_topic_alias_max(&mut capped, &h2, 64));
+        // v3.1.1 CONNACK has no property block: None.
+        let v4 = [0x20, 2, 0, 0];
+        let h = header(&v4, 100).unwrap().unwrap();
+        assert_eq!(with_server_keep_alive(&v4, &h, 90), None);
+    }
+
+    #[test]
     fn malformed_and_oversized_are_refused() {
         assert_eq!(header(&[0x00, 0x00], 100), Err(FrameError::BadType));
         assert_eq!(
@@ -348,6 +418,7 @@ mod tests {
                 let mut f = bytes[..h.frame_len].to_vec();
                 let _ = cap_topic_alias_max(&mut f, &h, 64);
                 let _ = connack_code(&f, &h);
+                let _ = with_server_keep_alive(&f, &h, 60);
             }
         }
     }

@@ -5,8 +5,11 @@
 pub mod acl;
 pub mod auth;
 pub mod broker;
+pub mod decode;
 pub mod frame;
 pub mod limits;
 pub mod mqtt;
+pub mod rate;
+pub mod retained;
 pub mod security;
 pub mod serial;

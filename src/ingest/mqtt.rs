@@ -48,7 +48,9 @@ use crate::route::{self, TopicFilter};
 use crate::telemetry::{IngressRefusal, Metrics, SecurityRefusal};
 
 use super::frame::{self, Kind};
-use super::limits::Limits;
+use super::limits::{KeepAlive, Limits};
+use super::rate::{self, Throttle};
+use super::retained::{self, RetainedBudget};
 use super::security::{self, Grant, Security};
 
 /// Why the local side could not start.
@@ -134,6 +136,8 @@ struct Shared {
     /// Passwords and ACLs (reloaded on SIGHUP through [`Ingress::security`]).
     security: Arc<Security>,
     limits: Limits,
+    /// Retained messages the embedded broker holds, bounded.
+    retained: RetainedBudget,
 }
 
 impl Ingress {
@@ -181,6 +185,7 @@ impl Ingress {
                 logs: RefusalLogs::default(),
                 security,
                 limits: Limits::from_config(l),
+                retained: RetainedBudget::new(l.max_retained, l.max_retained_bytes.0),
             }),
         })
     }
@@ -554,6 +559,10 @@ struct Session<'a> {
     /// SUBSCRIBE packet ids whose broker SUBACK needs the codes of refused filters put back in
     /// (position, code); see [`security::splice_codes`].
     suback_fixups: HashMap<u16, Vec<(usize, SubscribeReasonCode)>>,
+    /// `local.max_rate` for this connection.
+    throttle: Throttle,
+    /// Over its rate: nothing more is read or decoded until then.
+    throttled_until: Option<tokio::time::Instant>,
 }
 
 impl<'a> Session<'a> {
@@ -596,12 +605,26 @@ impl<'a> Session<'a> {
             return Ok(());
         };
         let client_id = connect.client_id.clone();
+        let keep_alive = shared
+            .limits
+            .keepalive(connect.keep_alive, proto == Proto::V5);
         // Credentials and the will's topic are decided here; a refused CONNECT never reaches
         // the broker.
         let admitted = match shared.limits.check_client_id(&client_id) {
             Err(detail) => {
                 let why = SecurityRefusal::ClientIdLength;
                 shared.security.refuse(why, "", &peer.to_string(), &detail);
+                Err(protocol::ConnectReturnCode::ClientIdentifierNotValid)
+            }
+            Ok(()) if keep_alive == KeepAlive::Refuse => {
+                let detail = format!(
+                    "keepalive {} s (0 = never) above local.max_keepalive = {} s",
+                    connect.keep_alive, shared.limits.max_keepalive
+                );
+                let why = SecurityRefusal::KeepAlive;
+                shared
+                    .security
+                    .refuse(why, &client_id, &peer.to_string(), &detail);
                 Err(protocol::ConnectReturnCode::ClientIdentifierNotValid)
             }
             Ok(()) => {
@@ -634,7 +657,24 @@ impl<'a> Session<'a> {
                 return Ok(());
             }
         };
-        let keep_alive = connect.keep_alive;
+        let server_keep_alive = match keep_alive {
+            KeepAlive::Cap(k) => {
+                let detail = format!(
+                    "keepalive {} s (0 = never) capped to local.max_keepalive = {k} s",
+                    connect.keep_alive
+                );
+                let why = SecurityRefusal::KeepAlive;
+                shared
+                    .security
+                    .refuse(why, &client_id, &peer.to_string(), &detail);
+                Some(k)
+            }
+            _ => None,
+        };
+        let keep_alive = match keep_alive {
+            KeepAlive::Accept(k) | KeepAlive::Cap(k) => k,
+            KeepAlive::Refuse => connect.keep_alive,
+        };
         let clean = connect.clean_session;
         // The broker must not time the device out on its own: telemetry never reaches it, so the
         // ingress enforces the device's keepalive and the internal connection asks for none.
@@ -659,7 +699,7 @@ impl<'a> Session<'a> {
         .await
         .map_err(|_| SessionError::Refused("embedded broker CONNACK timed out".into()))??;
         let mut out = BytesMut::with_capacity(READ_CHUNK);
-        let accepted = relay_connack(proto, connack, &mut out)?;
+        let accepted = relay_connack(proto, connack, server_keep_alive, &mut out)?;
         device.write_all(&out).await?;
         out.clear();
         handshake.release();
@@ -683,6 +723,12 @@ impl<'a> Session<'a> {
             to_broker: BytesMut::new(),
             grant,
             suback_fixups: HashMap::new(),
+            throttle: Throttle::new(
+                shared.limits.max_rate,
+                shared.limits.rate_burst,
+                std::time::Instant::now(),
+            ),
+            throttled_until: None,
         };
         shared.metrics.ingress_connections.add(1);
         let result = s
@@ -723,7 +769,10 @@ impl<'a> Session<'a> {
             if stopping && self.pending.is_empty() {
                 return Ok(());
             }
-            let reading = !stopping && self.pending.len() < self.shared.max_inflight;
+            let reading = !stopping
+                && self.pending.len() < self.shared.max_inflight
+                && self.throttled_until.is_none();
+            let throttled = self.throttled_until;
             let timer = async {
                 match silence {
                     Some(s) => tokio::time::sleep_until(last_heard + s).await,
@@ -754,6 +803,14 @@ impl<'a> Session<'a> {
                         return Err(SessionError::Refused("embedded broker closed the connection".into()));
                     }
                     self.take_broker_frames(&mut bbuf)?;
+                }
+                _ = sleep_until_some(throttled), if throttled.is_some() => {
+                    self.throttled_until = None;
+                    // The device did speak: its unread publishes are in the buffer.
+                    last_heard = tokio::time::Instant::now();
+                    if !stopping && self.take_frames(&mut inbuf).await? {
+                        return Ok(());
+                    }
                 }
                 _ = timer => {
                     self.shared.refuse(IngressRefusal::KeepAlive, &self.client_id, self.peer, "silent for 1.5x its keepalive");
@@ -791,7 +848,7 @@ impl<'a> Session<'a> {
     /// true when the device disconnected.
     async fn take_frames(&mut self, inbuf: &mut BytesMut) -> Result<bool, SessionError> {
         loop {
-            if self.pending.len() >= self.shared.max_inflight {
+            if self.pending.len() >= self.shared.max_inflight || self.throttled_until.is_some() {
                 return Ok(false);
             }
             let h = match frame::header(inbuf, self.shared.max_frame) {
@@ -813,6 +870,10 @@ impl<'a> Session<'a> {
             };
             match h.kind {
                 Kind::Publish => {
+                    if let Some(until) = self.over_rate() {
+                        self.throttled_until = Some(until);
+                        return Ok(false);
+                    }
                     let qos = h.qos();
                     let pkid = frame::publish_pkid(inbuf, &h);
                     let retain = h.retain();
@@ -977,6 +1038,35 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// `local.max_rate`: Some(instant) when the next PUBLISH must wait for its token. Counted
+    /// per publish; logged (and counted as a refusal) once per episode.
+    fn over_rate(&mut self) -> Option<tokio::time::Instant> {
+        let now = std::time::Instant::now();
+        let (decision, ended) = self.throttle.next(now);
+        if let Some(e) = ended {
+            debug!(client = %self.client_id, peer = %self.peer, lasted = ?e.lasted, waits = e.waits,
+                "device back under local.max_rate");
+        }
+        match decision {
+            rate::Decision::Go => None,
+            rate::Decision::Wait { until, first } => {
+                self.shared.metrics.ingress_rate_limited.inc();
+                if first {
+                    let detail = format!(
+                        "publishing faster than local.max_rate = {}/s; slowed down (not read) until it is under",
+                        self.shared.limits.max_rate
+                    );
+                    let peer = self.peer.to_string();
+                    let why = SecurityRefusal::Rate;
+                    self.shared
+                        .security
+                        .refuse(why, &self.client_id, &peer, &detail);
+                }
+                Some(tokio::time::Instant::from_std(until))
+            }
+        }
+    }
+
     fn malformed(&self, detail: String) -> SessionError {
         self.shared.refuse(
             IngressRefusal::Malformed,
@@ -1077,6 +1167,16 @@ impl<'a> Session<'a> {
                 "payload format indicator says UTF-8, payload is not",
             );
         }
+        let user_bytes = props
+            .as_ref()
+            .map_or(0, |p| retained::user_property_bytes(&p.user_properties));
+        if user_bytes > self.shared.limits.max_user_property_bytes {
+            let detail = format!(
+                "{user_bytes} bytes of user properties; local.max_user_property_bytes is {}",
+                self.shared.limits.max_user_property_bytes
+            );
+            return self.over_quota(qos, pkid, SecurityRefusal::UserProperties, &detail);
+        }
         if qos == 2 && self.qos2.contains(&pkid) {
             // A resend of a QoS 2 publish already taken: never queue it twice. Its PUBREC is
             // pending or was sent; send it (again) in order.
@@ -1085,6 +1185,11 @@ impl<'a> Session<'a> {
                 waits: Vec::new(),
             });
             return Ok(());
+        }
+        if retain {
+            if let Err(detail) = self.shared.retained.admit(&topic, publish.payload.len()) {
+                return self.over_quota(qos, pkid, SecurityRefusal::Retained, &detail);
+            }
         }
         let received = Instant::now();
         let mut waits = Vec::new();
@@ -1248,6 +1353,36 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// A publish beyond a memory limit: never queued or fanned out. v5 gets PUBACK/PUBREC 0x97
+    /// (quota exceeded) in order; v3.1.1 has no refusal code, so the device is disconnected.
+    fn over_quota(
+        &mut self,
+        qos: u8,
+        pkid: u16,
+        why: SecurityRefusal,
+        detail: &str,
+    ) -> Result<(), SessionError> {
+        let peer = self.peer.to_string();
+        self.shared
+            .security
+            .refuse(why, &self.client_id, &peer, detail);
+        if self.proto == Proto::V4 {
+            return Err(SessionError::Refused(detail.to_string()));
+        }
+        let ack = match qos {
+            1 => Some(Ack::PubAck(pkid, PubAckReason::QuotaExceeded)),
+            2 => Some(Ack::PubRec(pkid, PubRecReason::QuotaExceeded)),
+            _ => None,
+        };
+        if ack.is_some() {
+            self.pending.push_back(Pending {
+                ack,
+                waits: Vec::new(),
+            });
+        }
+        Ok(())
+    }
+
     /// A publish outside the device's write rights is never queued, forwarded or fanned out.
     /// It is answered as Mosquitto answers it: v5 PUBACK/PUBREC 0x87; v3.1.1 acknowledged (the
     /// protocol has no refusal code) and dropped. Acknowledgements stay in order.
@@ -1370,6 +1505,14 @@ fn poll_front(
 
 use std::future::Future as _;
 
+/// Sleep until `at`; never ready for None (the select! branch is disabled then anyway).
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Read until one whole frame is buffered; return it (split off `buf`).
 async fn read_frame(
     s: &mut TcpStream,
@@ -1421,6 +1564,7 @@ async fn read_connect(
 fn relay_connack(
     proto: Proto,
     mut frame: BytesMut,
+    server_keep_alive: Option<u16>,
     out: &mut BytesMut,
 ) -> Result<bool, SessionError> {
     let h = frame::header(&frame, usize::MAX)
@@ -1433,6 +1577,12 @@ fn relay_connack(
     let accepted = frame::connack_code(&frame, &h) == Some(0);
     if proto == Proto::V5 {
         frame::cap_topic_alias_max(&mut frame, &h, TOPIC_ALIAS_MAX);
+        if let Some(with) =
+            server_keep_alive.and_then(|k| frame::with_server_keep_alive(&frame, &h, k))
+        {
+            out.extend_from_slice(&with);
+            return Ok(accepted);
+        }
     }
     out.extend_from_slice(&frame);
     Ok(accepted)

@@ -595,7 +595,17 @@ fn classify_v5(e: &rumqttc::v5::ConnectionError, ctx: &Context) -> LinkError {
             code: format!("{code:?} (reason code 0x{:02X})", v5_code(*code)),
         };
     }
-    classify_tls(e, ctx).unwrap_or_else(|| LinkError::Network(e.to_string()))
+    // rumqttc's MQTT 5 state error does not expose its cause as a source; a TLS alert read
+    // while waiting for CONNACK (how TLS 1.3 servers refuse a client certificate) is in it.
+    let hidden: Option<&(dyn std::error::Error + 'static)> = match e {
+        rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::Deserialization(m)) => {
+            Some(m)
+        }
+        _ => None,
+    };
+    classify_tls(e, ctx)
+        .or_else(|| hidden.and_then(|m| classify_tls(m, ctx)))
+        .unwrap_or_else(|| LinkError::Network(e.to_string()))
 }
 
 /// The MQTT 5 reason code number of a CONNACK refusal.
@@ -774,9 +784,11 @@ mod tests {
         }
         let e = classify_v4(&handshake(CertificateError::UnknownIssuer), &ctx());
         assert!(e.to_string().contains("/etc/edgeferry/ca.pem"), "{e}");
-        let alert = rumqttc::v5::ConnectionError::Io(wrap(rustls::Error::AlertReceived(
-            AlertDescription::CertificateRequired,
-        )));
+        let alert = rumqttc::v5::ConnectionError::MqttState(
+            rumqttc::v5::StateError::Deserialization(rumqttc::v5::mqttbytes::Error::Io(wrap(
+                rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
+            ))),
+        );
         let e = classify_v5(&alert, &ctx());
         assert!(
             matches!(
@@ -789,6 +801,18 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("upstream.cert_file"), "{e}");
+        let v4_alert = rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::Io(wrap(rustls::Error::AlertReceived(
+                AlertDescription::UnknownCA,
+            ))),
+        ));
+        assert!(matches!(
+            classify_v4(&v4_alert, &ctx()),
+            LinkError::Tls {
+                reason: TlsFailure::ClientCertRefused,
+                ..
+            }
+        ));
         let plain = rumqttc::ConnectionError::Io(std::io::ErrorKind::ConnectionRefused.into());
         assert!(matches!(classify_v4(&plain, &ctx()), LinkError::Network(_)));
     }

@@ -187,7 +187,7 @@ pub struct Upstream {
     #[serde(default = "default_stable_after")]
     pub stable_after: HumanDuration,
     /// Once the upstream's port answers again, wait a random time up to this (and up to a
-    /// tenth of the outage) before connecting, so a fleet that lost the same broker does not
+    /// third of the outage) before connecting, so a fleet that lost the same broker does not
     /// reconnect in one burst. Default 2s.
     #[serde(default = "default_reconnect_spread")]
     pub reconnect_spread: HumanDuration,

@@ -65,8 +65,8 @@ pub const AGE_DIVISOR: u32 = 30;
 
 /// The spread before a full connection is at most this fraction of the outage: seconds of spread
 /// are worth it after a long outage (when many gateways wait on the same broker), not after a
-/// blip.
-pub const SPREAD_DIVISOR: u32 = 10;
+/// blip, and a link flapping 3 s up / 3 s down must still be caught in each up phase.
+pub const SPREAD_DIVISOR: u32 = 3;
 
 /// Upstream reconnect policy (see the module docs).
 #[derive(Debug, Clone)]
@@ -93,7 +93,7 @@ impl Reconnect {
     }
 
     /// Wait between the port answering again and the full connection, after the link was down
-    /// for `down_for`: uniform in [0, min(spread, down_for / 10)].
+    /// for `down_for`: uniform in [0, min(spread, down_for / 3)].
     pub fn spread(&self, down_for: Duration, unit: f64) -> Duration {
         self.spread
             .min(down_for / SPREAD_DIVISOR)
@@ -236,10 +236,10 @@ mod tests {
     }
 
     #[test]
-    fn spread_is_bounded_by_a_tenth_of_the_outage() {
+    fn spread_is_bounded_by_a_third_of_the_outage() {
         let r = r();
         let s = |n| Duration::from_secs(n);
-        assert_eq!(r.spread(s(3), 1.0), Duration::from_millis(300));
+        assert_eq!(r.spread(s(3), 1.0), s(1));
         assert_eq!(r.spread(s(30), 1.0), s(2));
         assert_eq!(r.spread(s(30), 0.0), s(0));
     }

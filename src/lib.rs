@@ -5,9 +5,11 @@
 //! Data flows top to bottom:
 //!
 //! - [`config`]: the TOML file, its defaults and validation (checked before anything starts).
-//! - [`ingest`]: sources. [`ingest::gate`] relays device connections and holds devices back
-//!   while the store is behind; [`ingest::mqtt`] runs the embedded rumqttd broker and reads one
-//!   local link per route; [`ingest::serial`] reads framed serial ports.
+//! - [`ingest`]: sources. [`ingest::mqtt`] is the device-facing MQTT ingress: it decodes with
+//!   rumqttd's codec, validates, routes and queues every publish and sends the PUBACK after the
+//!   commit; [`ingest::frame`] is its pure framing; [`ingest::broker`] the embedded rumqttd for
+//!   local subscriptions, retained messages and wills; [`ingest::serial`] reads framed serial
+//!   ports.
 //! - [`codec`]: serial framings (lines, COBS, SLIP, length+CRC, CBOR): pure, fuzzed decoders.
 //! - [`route`]: topic filters and upstream topic templates (pure).
 //! - [`dedup`]: ingest dedup keys (pure); the window itself is a table in the queue.
@@ -15,6 +17,7 @@
 //!   on PUBACK. Its module docs state the invariants.
 //! - [`forward`]: the upstream rumqttc session: bounded window, pkid -> row map, backoff.
 //! - [`telemetry`]: counters, histograms, the Prometheus endpoint, logging.
+//! - [`health`]: liveness probes every stage answers (a leaf, used from below the service).
 //! - [`service`]: wiring, signals, orderly shutdown. [`cli`]: the command line.
 #![forbid(unsafe_code)]
 
@@ -23,6 +26,7 @@ pub mod codec;
 pub mod config;
 pub mod dedup;
 pub mod forward;
+pub mod health;
 pub mod ingest;
 pub mod queue;
 pub mod route;

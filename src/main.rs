@@ -1,12 +1,54 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use edgeferry::cli::{Cli, Command, EXIT_CONFIG, EXIT_FAILURE};
+use edgeferry::cli::{Cli, Command, EXIT_CONFIG, EXIT_FAILURE, EXIT_USAGE};
 use edgeferry::config::Config;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // One line: clap's message (its lines joined), without the usage block.
+            let text = e.render().to_string();
+            let line = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
+            return fail(EXIT_USAGE, line.trim_start_matches("error: "));
+        }
+    };
     match cli.command {
+        Command::Passwd {
+            file,
+            user,
+            delete,
+            password_stdin,
+        } => match edgeferry::cli::passwd::run(&file, &user, delete, password_stdin) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(line) => fail(EXIT_FAILURE, &line),
+        },
+        Command::Queue { config, json, op } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(line) => return fail(EXIT_CONFIG, &line),
+            };
+            match edgeferry::cli::queue::run(&config.store.path, json, op) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e.exit_code(), &e.to_string()),
+            }
+        }
         Command::Check { config } => match load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
@@ -21,8 +63,12 @@ fn main() -> ExitCode {
                 Err(line) => return fail(EXIT_CONFIG, &line),
             };
             edgeferry::telemetry::init_logging(&config.telemetry.log_level);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+            edgeferry::telemetry::install_panic_hook();
+            // One thread for all async work (ingress, forwarder, serial ports, telemetry): the
+            // hot path is I/O readiness and hand-offs between tasks, which on one thread are
+            // plain function calls instead of cross-thread wakeups (context switches). SQLite
+            // has its own thread; CPU-heavy work (PBKDF2) goes to the blocking pool.
+            let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
@@ -47,6 +93,8 @@ fn main() -> ExitCode {
 /// Parse and validate, including the TLS files (so `check` catches a bad certificate).
 fn load(path: &std::path::Path) -> Result<Config, String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
+    edgeferry::ingest::security::check_files(&config.local)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     if config.upstream.tls {
         edgeferry::forward::client::tls_config(&config)
             .map_err(|e| format!("{}: {e}", path.display()))?;

@@ -1,5 +1,70 @@
 //! Routes: MQTT topic filters on the local side and upstream topic templates. Pure code.
 
+/// Why bytes are not a publishable MQTT topic name (MQTT 3.1.1 and 5.0, section 4.7): no upstream
+/// can accept such a name, so ingest refuses it before anything is acknowledged or committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    /// A topic name must be at least one character long.
+    #[error("empty topic")]
+    Empty,
+    /// Topic names are UTF-8.
+    #[error("topic is not valid UTF-8")]
+    NotUtf8,
+    /// '+' and '#' are for filters only.
+    #[error("wildcard in a topic name")]
+    Wildcard,
+    /// U+0000 is forbidden in MQTT strings.
+    #[error("NUL character in the topic")]
+    Nul,
+    /// An MQTT string holds at most 65535 bytes.
+    #[error("topic longer than 65535 bytes")]
+    TooLong,
+}
+
+impl TopicError {
+    /// Stable label for metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TopicError::Empty => "empty",
+            TopicError::NotUtf8 => "not-utf8",
+            TopicError::Wildcard => "wildcard",
+            TopicError::Nul => "nul",
+            TopicError::TooLong => "too-long",
+        }
+    }
+}
+
+/// Check a topic name as it arrives from a device, or as a template rendered it.
+pub fn topic_name(bytes: &[u8]) -> Result<&str, TopicError> {
+    if bytes.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if bytes.len() > 65535 {
+        return Err(TopicError::TooLong);
+    }
+    let s = std::str::from_utf8(bytes).map_err(|_| TopicError::NotUtf8)?;
+    check_topic_str(s)?;
+    Ok(s)
+}
+
+/// The same checks for a string already known to be UTF-8.
+pub fn check_topic_str(s: &str) -> Result<(), TopicError> {
+    if s.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if s.len() > 65535 {
+        return Err(TopicError::TooLong);
+    }
+    for b in s.bytes() {
+        match b {
+            b'+' | b'#' => return Err(TopicError::Wildcard),
+            0 => return Err(TopicError::Nul),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// A validated MQTT topic filter (`+` one level, `#` the rest, last only).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicFilter(String);
@@ -168,6 +233,18 @@ mod tests {
         assert!(Template::parse("x/{nope}").is_err());
         assert!(Template::parse("x/{topic").is_err());
         assert!(Template::parse("x/#").is_err());
+    }
+
+    #[test]
+    fn topic_names_that_no_upstream_accepts_are_refused() {
+        assert_eq!(topic_name(b"devices/a/temp"), Ok("devices/a/temp"));
+        assert_eq!(topic_name("\u{e9}".as_bytes()), Ok("\u{e9}"));
+        assert_eq!(topic_name(b""), Err(TopicError::Empty));
+        assert_eq!(topic_name(b"devices/+/x"), Err(TopicError::Wildcard));
+        assert_eq!(topic_name(b"devices/#"), Err(TopicError::Wildcard));
+        assert_eq!(topic_name(b"a\0b"), Err(TopicError::Nul));
+        assert_eq!(topic_name(b"a/\xff"), Err(TopicError::NotUtf8));
+        assert_eq!(topic_name(&vec![b'a'; 65536]), Err(TopicError::TooLong));
     }
 
     proptest! {

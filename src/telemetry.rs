@@ -38,6 +38,173 @@ impl Gauge {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn sub(&self, n: u64) {
+        self.0.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// Why the MQTT ingress refused a device or one of its packets (`edgeferry_ingress_refused_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngressRefusal {
+    /// `local.max_connections` devices were connected.
+    ConnectionLimit,
+    /// `local.max_handshakes` connections had not sent CONNECT yet.
+    HandshakeLimit,
+    /// `local.max_connections_per_address` from this source address.
+    AddressLimit,
+    /// No CONNECT within `local.connect_timeout`.
+    ConnectTimeout,
+    /// Bytes that are not MQTT, or not valid in this state.
+    Malformed,
+    /// A packet larger than `local.max_payload` allows.
+    Oversized,
+    /// A topic name no upstream accepts (wildcard, NUL, not UTF-8, empty, bad alias).
+    InvalidTopic,
+    /// A v5 payload marked UTF-8 that is not.
+    PayloadFormat,
+    /// Silent for 1.5 times its keepalive.
+    KeepAlive,
+}
+
+impl IngressRefusal {
+    pub const ALL: [IngressRefusal; 9] = [
+        IngressRefusal::ConnectionLimit,
+        IngressRefusal::HandshakeLimit,
+        IngressRefusal::AddressLimit,
+        IngressRefusal::ConnectTimeout,
+        IngressRefusal::Malformed,
+        IngressRefusal::Oversized,
+        IngressRefusal::InvalidTopic,
+        IngressRefusal::PayloadFormat,
+        IngressRefusal::KeepAlive,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IngressRefusal::ConnectionLimit => "connection-limit",
+            IngressRefusal::HandshakeLimit => "handshake-limit",
+            IngressRefusal::AddressLimit => "address-limit",
+            IngressRefusal::ConnectTimeout => "connect-timeout",
+            IngressRefusal::Malformed => "malformed",
+            IngressRefusal::Oversized => "oversized",
+            IngressRefusal::InvalidTopic => "invalid-topic",
+            IngressRefusal::PayloadFormat => "payload-format",
+            IngressRefusal::KeepAlive => "keepalive",
+        }
+    }
+}
+
+/// Why local security refused a device or one of its packets
+/// (`edgeferry_security_refused_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SecurityRefusal {
+    /// Unknown user or wrong password.
+    BadCredentials,
+    /// No user name while `local.allow_anonymous = false`.
+    Anonymous,
+    /// A publish outside the device's write rights (never queued).
+    AclPublish,
+    /// A subscription outside the device's read rights.
+    AclSubscribe,
+    /// A will on a topic outside the device's write rights.
+    AclWill,
+    /// A client id longer than `local.max_client_id_len`.
+    ClientIdLength,
+    /// A topic longer than `local.max_topic_len` or with more levels than `local.max_topic_levels`.
+    TopicSize,
+    /// User properties above `local.max_user_property_bytes`.
+    UserProperties,
+    /// Subscriptions above `local.max_subscriptions`.
+    Subscriptions,
+    /// QoS 2 publishes not yet released above `local.max_qos2_inflight`.
+    Qos2Inflight,
+    /// Retained messages above `local.max_retained` or `local.max_retained_bytes`.
+    Retained,
+    /// Publishes faster than `local.max_rate` allows (the device is slowed down, then counted).
+    Rate,
+    /// A keepalive above `local.max_keepalive` (capped, v5 told so; v3.1.1 refused).
+    KeepAlive,
+    /// A TLS handshake that failed (bad or expired client certificate, wrong CA, not TLS).
+    TlsHandshake,
+}
+
+impl SecurityRefusal {
+    pub const ALL: [SecurityRefusal; 14] = [
+        SecurityRefusal::BadCredentials,
+        SecurityRefusal::Anonymous,
+        SecurityRefusal::AclPublish,
+        SecurityRefusal::AclSubscribe,
+        SecurityRefusal::AclWill,
+        SecurityRefusal::ClientIdLength,
+        SecurityRefusal::TopicSize,
+        SecurityRefusal::UserProperties,
+        SecurityRefusal::Subscriptions,
+        SecurityRefusal::Qos2Inflight,
+        SecurityRefusal::Retained,
+        SecurityRefusal::Rate,
+        SecurityRefusal::KeepAlive,
+        SecurityRefusal::TlsHandshake,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecurityRefusal::BadCredentials => "bad-credentials",
+            SecurityRefusal::Anonymous => "anonymous",
+            SecurityRefusal::AclPublish => "acl-publish",
+            SecurityRefusal::AclSubscribe => "acl-subscribe",
+            SecurityRefusal::AclWill => "acl-will",
+            SecurityRefusal::ClientIdLength => "client-id-length",
+            SecurityRefusal::TopicSize => "topic-size",
+            SecurityRefusal::UserProperties => "user-properties",
+            SecurityRefusal::Subscriptions => "subscriptions",
+            SecurityRefusal::Qos2Inflight => "qos2-inflight",
+            SecurityRefusal::Retained => "retained",
+            SecurityRefusal::Rate => "rate",
+            SecurityRefusal::KeepAlive => "keepalive",
+            SecurityRefusal::TlsHandshake => "tls-handshake",
+        }
+    }
+}
+
+/// Denied publishes per client id, for `edgeferry_acl_denied_publishes_total{client}`. Bounded:
+/// beyond [`PerClient::CAP`] distinct clients the rest are summed under `client="(other)"`, so
+/// a device cycling client ids cannot grow the metrics.
+#[derive(Debug, Default)]
+pub struct PerClient {
+    counts: std::sync::Mutex<(std::collections::BTreeMap<String, u64>, u64)>,
+}
+
+impl PerClient {
+    pub const CAP: usize = 256;
+
+    pub fn inc(&self, client: &str) {
+        let mut g = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let (map, other) = &mut *g;
+        if let Some(n) = map.get_mut(client) {
+            *n += 1;
+        } else if map.len() < Self::CAP {
+            map.insert(client.to_string(), 1);
+        } else {
+            *other += 1;
+        }
+    }
+
+    fn render(&self, name: &str, out: &mut String) {
+        let g = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        for (client, n) in &g.0 {
+            let escaped = client
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            let _ = writeln!(out, "{name}{{client=\"{escaped}\"}} {n}");
+        }
+        if g.1 > 0 {
+            let _ = writeln!(out, "{name}{{client=\"(other)\"}} {}", g.1);
+        }
+    }
 }
 
 /// Log-linear histogram of durations in microseconds: 8 sub-buckets per power of two, so any
@@ -144,6 +311,43 @@ fn count_by_label(counters: &[Counter], labels: &[&str], label: &str) {
     }
 }
 
+/// Why a row was moved to the dead-letter table: the `reason` label of
+/// `edgeferry_dead_lettered_total`, and the start of the row's `reason` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// The upstream dropped the connection each time the row was sent alone.
+    Poison,
+    /// Refused for good: an MQTT 5 PUBACK or DISCONNECT reason about the message (not
+    /// authorised, payload format invalid), or the MQTT client would not send it.
+    Refused,
+    /// Larger than the upstream's maximum packet size (announced, or told by a reason code).
+    TooLarge,
+    /// The topic is not a valid MQTT topic name (wildcards, NUL or control characters, empty).
+    InvalidTopic,
+    /// The stored row cannot be read as a message (e.g. its topic is not UTF-8 text).
+    Undecodable,
+}
+
+impl DeadLetterReason {
+    pub const ALL: [DeadLetterReason; 5] = [
+        DeadLetterReason::Poison,
+        DeadLetterReason::Refused,
+        DeadLetterReason::TooLarge,
+        DeadLetterReason::InvalidTopic,
+        DeadLetterReason::Undecodable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::Poison => "poison",
+            DeadLetterReason::Refused => "refused",
+            DeadLetterReason::TooLarge => "too-large",
+            DeadLetterReason::InvalidTopic => "invalid-topic",
+            DeadLetterReason::Undecodable => "undecodable",
+        }
+    }
+}
+
 /// All of the daemon's metrics. Names in the Prometheus output are `edgeferry_<field>`.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -155,21 +359,37 @@ pub struct Metrics {
     pub ingest_duplicates: Counter,
     /// Messages on a dedup route that carried no usable key (queued without dedup).
     pub ingest_dedup_key_missing: Counter,
-    /// Messages the local broker evicted from its log before ingest read them (acknowledged to
-    /// devices, never committed), counted exactly from gaps in the log offsets.
-    pub local_dropped: Counter,
-    /// Times reading from local devices was paused because the store fell behind.
-    pub local_paused: Counter,
-    /// Milliseconds reading from local devices was paused, in all.
-    pub local_paused_ms: Counter,
-    /// 1 while reading from local devices is paused.
-    pub local_paused_now: Gauge,
+    /// Devices or packets the MQTT ingress refused, by [`IngressRefusal`].
+    pub ingress_refused: [Counter; 9],
+    /// Devices or packets refused by local security (auth, ACL, limits), by [`SecurityRefusal`].
+    pub security_refused: [Counter; SecurityRefusal::ALL.len()],
+    /// Publishes denied by the ACL, by client id (bounded, see [`PerClient`]).
+    pub acl_denied_publishes: PerClient,
+    /// Password and ACL files reloaded on SIGHUP.
+    pub security_reloads: Counter,
+    /// SIGHUP reloads refused because a new file was invalid (the old one stays in force).
+    pub security_reload_errors: Counter,
+    /// Device publishes refused for their topic, by `route::TopicError` (declaration order).
+    pub ingress_invalid_topics: [Counter; 5],
+    /// Device publishes that matched no route (acknowledged, not queued).
+    pub ingress_unrouted: Counter,
+    /// Failed accept() calls on the device listeners (out of file descriptors and the like).
+    pub ingress_accept_errors: Counter,
+    /// Device connections open now.
+    pub ingress_connections: Gauge,
+    /// Dedup keys found stamped in the future at start-up (the clock stepped back since they
+    /// were stored) and re-stamped to the start-up time.
+    pub ingest_dedup_restamped: Counter,
     /// Queue rows deleted after the upstream's PUBACK.
     pub acked: Counter,
     /// Publishes handed to the upstream connection (resends included).
     pub published: Counter,
-    /// Rows moved to the dead-letter table (the upstream refused them).
-    pub dead_lettered: Counter,
+    /// Rows moved to the dead-letter table, by [`DeadLetterReason`] (index = position in
+    /// `DeadLetterReason::ALL`).
+    pub dead_lettered: [Counter; DeadLetterReason::ALL.len()],
+    /// Times a message sent alone was followed at once by the upstream dropping the connection
+    /// (a strike towards quarantining it as poison).
+    pub poison_strikes: Counter,
     /// Failed store commits (each is retried; ingest pauses meanwhile).
     pub store_commit_errors: Counter,
     /// Buffered messages lost because commits kept failing through shutdown.
@@ -208,6 +428,8 @@ pub struct Metrics {
     pub upstream_address: Gauge,
     /// 1 while connected upstream.
     pub upstream_connected: Gauge,
+    /// 1 while store commits fail and are retried (disk full, I/O error).
+    pub store_commit_failing: Gauge,
     /// Messages in the queue.
     pub queue_depth: Gauge,
     /// Rows in the dead-letter table.
@@ -217,6 +439,45 @@ pub struct Metrics {
     pub commit_latency: Histogram,
     /// From publish to PUBACK upstream.
     pub upstream_ack_latency: Histogram,
+    /// Messages dropped from the queue by a policy, by reason (index = position in
+    /// `queue::DROP_REASONS`).
+    pub queue_dropped: [Counter; 5],
+    /// Rows moved to the dead-letter table because their route's ttl passed.
+    pub dead_lettered_expired: Counter,
+    /// Bytes queued (topic + payload).
+    pub queue_bytes: Gauge,
+    /// Inserts of reject-new routes held back (uncommitted, their devices wait for PUBACK).
+    pub queue_held: Gauge,
+    /// Per-route queue gauges and dead letters by reason, refreshed by the store each second.
+    pub queue_routes: std::sync::Mutex<QueueGauges>,
+}
+
+/// Per-route gauges and dead letters by reason.
+pub type QueueGauges = (Vec<RouteGauges>, Vec<(String, u64)>);
+
+/// One route's queue, as the store last saw it.
+#[derive(Debug, Clone, Default)]
+pub struct RouteGauges {
+    pub route: String,
+    pub depth: u64,
+    pub bytes: u64,
+    pub oldest_age_seconds: f64,
+}
+
+/// `write_bytes` of /proc/self/io: what this process caused to be written to storage (flash
+/// wear), page cache writeback included. None where /proc is unavailable.
+pub fn disk_write_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Escape a label value for the Prometheus text format.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Metrics {
@@ -230,9 +491,92 @@ impl Metrics {
         count_by_label(&self.upstream_tls_failures, &UPSTREAM_TLS_FAILURES, reason);
     }
 
+    /// Count messages a queue policy dropped (`reason` is one of `queue::DROP_REASONS`).
+    pub fn count_queue_drop(&self, reason: &str, n: u64) {
+        if let Some(i) = crate::queue::DROP_REASONS.iter().position(|r| *r == reason) {
+            self.queue_dropped[i].add(n);
+        }
+    }
+
+    /// Replace the per-route gauges and the dead letters by reason.
+    pub fn set_queue_routes(&self, routes: Vec<RouteGauges>, dead: Vec<(String, u64)>) {
+        if let Ok(mut g) = self.queue_routes.lock() {
+            *g = (routes, dead);
+        }
+    }
+
+    fn render_queue(&self, out: &mut String) {
+        let _ = writeln!(out, "# HELP edgeferry_queue_dropped_total Messages dropped from the queue by a policy (overflow, expired, purged, rejected, dead-letter-expired)\n# TYPE edgeferry_queue_dropped_total counter");
+        for (reason, c) in crate::queue::DROP_REASONS.iter().zip(&self.queue_dropped) {
+            let _ = writeln!(
+                out,
+                "edgeferry_queue_dropped_total{{reason=\"{reason}\"}} {}",
+                c.get()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "edgeferry_dead_lettered_total{{reason=\"expired\"}} {}",
+            self.dead_lettered_expired.get()
+        );
+        let _ = writeln!(out, "# HELP edgeferry_queue_bytes Bytes queued (topic + payload)\n# TYPE edgeferry_queue_bytes gauge\nedgeferry_queue_bytes {}", self.queue_bytes.get());
+        let _ = writeln!(out, "# HELP edgeferry_queue_held Inserts of reject-new routes held back without PUBACK\n# TYPE edgeferry_queue_held gauge\nedgeferry_queue_held {}", self.queue_held.get());
+        let (routes, dead) = self
+            .queue_routes
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default();
+        for (name, help) in [
+            ("queue_route_depth", "Messages queued per route"),
+            ("queue_route_bytes", "Bytes queued per route"),
+            (
+                "queue_oldest_age_seconds",
+                "Age of the oldest queued message per route (data freshness)",
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP edgeferry_{name} {help}\n# TYPE edgeferry_{name} gauge"
+            );
+            for r in &routes {
+                let v = match name {
+                    "queue_route_depth" => r.depth as f64,
+                    "queue_route_bytes" => r.bytes as f64,
+                    _ => r.oldest_age_seconds,
+                };
+                let _ = writeln!(out, "edgeferry_{name}{{route=\"{}\"}} {v}", label(&r.route));
+            }
+        }
+        let _ = writeln!(out, "# HELP edgeferry_dead_letters_by_reason Rows in the dead-letter table, by reason\n# TYPE edgeferry_dead_letters_by_reason gauge");
+        for (reason, n) in &dead {
+            let _ = writeln!(
+                out,
+                "edgeferry_dead_letters_by_reason{{reason=\"{}\"}} {n}",
+                label(reason)
+            );
+        }
+        if let Some(b) = disk_write_bytes() {
+            let _ = writeln!(out, "# HELP edgeferry_process_disk_written_bytes_total Bytes this process caused to be written to storage (/proc/self/io write_bytes)\n# TYPE edgeferry_process_disk_written_bytes_total counter\nedgeferry_process_disk_written_bytes_total {b}");
+        }
+    }
+
+    /// Count a row moved to the dead-letter table.
+    pub fn count_dead_letter(&self, reason: DeadLetterReason) {
+        let i = DeadLetterReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.dead_lettered[i].inc();
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let counters: [(&str, &Counter, &str); 21] = [
+            (
+                "upstream_poison_strikes_total",
+                &self.poison_strikes,
+                "Connections the upstream dropped right after a suspect message was sent alone",
+            ),
             (
                 "ingested_total",
                 &self.ingested,
@@ -254,19 +598,19 @@ impl Metrics {
                 "Messages on a dedup route without a usable key",
             ),
             (
-                "local_dropped_total",
-                &self.local_dropped,
-                "Messages acknowledged to local devices that the broker evicted before ingest read them",
+                "ingest_dedup_restamped_total",
+                &self.ingest_dedup_restamped,
+                "Dedup keys stamped in the future at start-up (the clock stepped back), re-stamped to then",
             ),
             (
-                "local_paused_total",
-                &self.local_paused,
-                "Times reading from local devices paused because the store fell behind (back-pressure)",
+                "ingress_unrouted_total",
+                &self.ingress_unrouted,
+                "Device publishes that matched no route (acknowledged, not queued)",
             ),
             (
-                "local_paused_milliseconds_total",
-                &self.local_paused_ms,
-                "Time reading from local devices was paused, in all",
+                "ingress_accept_errors_total",
+                &self.ingress_accept_errors,
+                "Failed accepts on the device listeners (out of file descriptors?)",
             ),
             (
                 "acked_total",
@@ -277,11 +621,6 @@ impl Metrics {
                 "published_total",
                 &self.published,
                 "Publishes sent upstream, resends included",
-            ),
-            (
-                "dead_lettered_total",
-                &self.dead_lettered,
-                "Rows moved to the dead-letter table",
             ),
             (
                 "store_commit_errors_total",
@@ -400,11 +739,58 @@ impl Metrics {
             "# HELP edgeferry_upstream_address Index in upstream.address of the address in use\n# TYPE edgeferry_upstream_address gauge\nedgeferry_upstream_address {}",
             self.upstream_address.get()
         );
-        let gauges: [(&str, &Gauge, &str); 4] = [
+        let _ = writeln!(out, "# HELP edgeferry_dead_lettered_total Rows moved to the dead-letter table, by reason\n# TYPE edgeferry_dead_lettered_total counter");
+        for (reason, c) in DeadLetterReason::ALL.iter().zip(&self.dead_lettered) {
+            let _ = writeln!(
+                out,
+                "edgeferry_dead_lettered_total{{reason=\"{}\"}} {}",
+                reason.as_str(),
+                c.get()
+            );
+        }
+        let _ = writeln!(out, "# HELP edgeferry_ingress_refused_total Devices or packets the MQTT ingress refused, by reason\n# TYPE edgeferry_ingress_refused_total counter");
+        for (why, c) in IngressRefusal::ALL.iter().zip(&self.ingress_refused) {
+            let _ = writeln!(
+                out,
+                "edgeferry_ingress_refused_total{{reason=\"{}\"}} {}",
+                why.as_str(),
+                c.get()
+            );
+        }
+        let _ = writeln!(out, "# HELP edgeferry_security_refused_total Devices or packets refused by local security (password, ACL, limits, TLS), by reason\n# TYPE edgeferry_security_refused_total counter");
+        for (why, c) in SecurityRefusal::ALL.iter().zip(&self.security_refused) {
+            let _ = writeln!(
+                out,
+                "edgeferry_security_refused_total{{reason=\"{}\"}} {}",
+                why.as_str(),
+                c.get()
+            );
+        }
+        let _ = writeln!(out, "# HELP edgeferry_acl_denied_publishes_total Publishes the ACL denied, by client id (at most 256 ids, then \"(other)\")\n# TYPE edgeferry_acl_denied_publishes_total counter");
+        self.acl_denied_publishes
+            .render("edgeferry_acl_denied_publishes_total", &mut out);
+        let _ = writeln!(out, "# HELP edgeferry_security_reloads_total Password/ACL reloads on SIGHUP, by result\n# TYPE edgeferry_security_reloads_total counter\nedgeferry_security_reloads_total{{result=\"ok\"}} {}\nedgeferry_security_reloads_total{{result=\"invalid\"}} {}", self.security_reloads.get(), self.security_reload_errors.get());
+        let _ = writeln!(out, "# HELP edgeferry_ingress_invalid_topics_total Device publishes refused for their topic name, by kind\n# TYPE edgeferry_ingress_invalid_topics_total counter");
+        for (kind, c) in ["empty", "not-utf8", "wildcard", "nul", "too-long"]
+            .iter()
+            .zip(&self.ingress_invalid_topics)
+        {
+            let _ = writeln!(
+                out,
+                "edgeferry_ingress_invalid_topics_total{{kind=\"{kind}\"}} {}",
+                c.get()
+            );
+        }
+        let gauges: [(&str, &Gauge, &str); 5] = [
             (
-                "local_paused",
-                &self.local_paused_now,
-                "1 while reading from local devices is paused (back-pressure)",
+                "store_commit_failing",
+                &self.store_commit_failing,
+                "1 while store commits fail and are retried (disk full?)",
+            ),
+            (
+                "ingress_connections",
+                &self.ingress_connections,
+                "Device connections open now",
             ),
             (
                 "upstream_connected",
@@ -425,6 +811,7 @@ impl Metrics {
         for (name, g, help) in gauges {
             let _ = writeln!(out, "# HELP edgeferry_{name} {help}\n# TYPE edgeferry_{name} gauge\nedgeferry_{name} {}", g.get());
         }
+        self.render_queue(&mut out);
         for (name, h, help) in [
             (
                 "commit_latency_seconds",
@@ -494,6 +881,39 @@ pub async fn bind_metrics(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// Why a log filter (`telemetry.log_level`, or `RUST_LOG`) cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The filter is empty: it would log nothing, ERROR included.
+    #[error("is empty; use error, warn, info, debug or trace")]
+    Empty,
+    /// A directive that names no level. tracing reads a bare word such as "verbose" as "every
+    /// level, but only from a module named verbose": nothing at all is logged, ERROR included.
+    #[error("{0:?} is not a log level; use error, warn, info, debug or trace, or a filter such as \"info,edgeferry=debug\" (NAME=LEVEL)")]
+    NoLevel(String),
+    /// Not a filter tracing understands.
+    #[error("{0:?} is not a valid log filter: {1}")]
+    Syntax(String, String),
+}
+
+/// Parse a log filter: a level ("info"), or comma-separated directives each of which names a
+/// level ("info,edgeferry=debug"). Refuses what would parse but silence the daemon.
+pub fn log_filter(text: &str) -> Result<tracing_subscriber::EnvFilter, TelemetryError> {
+    use std::str::FromStr;
+    use tracing_subscriber::filter::LevelFilter;
+    if text.trim().is_empty() {
+        return Err(TelemetryError::Empty);
+    }
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if LevelFilter::from_str(level.trim()).is_err() {
+            return Err(TelemetryError::NoLevel(directive.to_string()));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(text)
+        .map_err(|e| TelemetryError::Syntax(text.to_string(), e.to_string()))
+}
+
 /// Log to stderr, coloured only on a terminal. Under systemd (JOURNAL_STREAM set) timestamps are left to the journal.
 /// The embedded broker logs ordinary device disconnects at ERROR ("router-drop", "connection
 /// already gone", "connection closed by peer"), which would make ERROR meaningless in the
@@ -501,14 +921,32 @@ pub async fn bind_metrics(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// router event that matters, a log overflow, is counted and logged by ingest itself; bind
 /// failures are caught before rumqttd starts, and a broker that does not serve is reported by
 /// the start-up readiness check.
+///
+/// `level` is `telemetry.log_level`, already validated by the config. A `RUST_LOG` that is not
+/// a usable filter (see [`log_filter`]) is ignored with a warning on stderr: a daemon that
+/// silently logs nothing is worse than one that logs at its configured level.
 pub fn init_logging(level: &str) {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| {
-            tracing_subscriber::EnvFilter::try_new(format!("{level},rumqttd=off,rumqttc=warn"))
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        });
+    let rust_log = match std::env::var("RUST_LOG") {
+        Ok(f) if f.trim().is_empty() => None,
+        Ok(f) => Some(log_filter(&f).map_err(|e| format!("RUST_LOG {e}"))),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Some(Err("RUST_LOG is not valid UTF-8".to_string()))
+        }
+        Err(std::env::VarError::NotPresent) => None,
+    };
+    let configured = || {
+        log_filter(&format!("{level},rumqttd=off,rumqttc=warn"))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    let filter = match rust_log {
+        Some(Ok(f)) => f,
+        Some(Err(problem)) => {
+            // On stderr directly: the configured level may be too quiet for a WARN line.
+            eprintln!("edgeferry: warning: {problem}; ignoring RUST_LOG and logging at telemetry.log_level {level:?}");
+            configured()
+        }
+        None => configured(),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -523,10 +961,48 @@ pub fn init_logging(level: &str) {
     let _ = result;
 }
 
+/// The panic policy (README, "Panic policy"): a panic is a bug, never the answer to an input.
+/// Log where it happened at ERROR (the default message may not reach the journal's view of the
+/// unit), then abort in every build: the release profile aborts anyway, and a debug build must
+/// not differ by letting tokio swallow a panicked task and run on half-broken. systemd restarts
+/// the daemon; what was committed is in the store and is forwarded after the restart.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| l.to_string())
+            .unwrap_or_else(|| "unknown location".into());
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_string();
+        tracing::error!(%location, %thread, "panic: {message}; aborting (a bug: please report this line)");
+        std::process::abort();
+    }));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn log_filters_must_name_a_level() {
+        for good in ["info", "DEBUG", "warn,edgeferry=debug", "off", "trace,"] {
+            assert!(log_filter(good).is_ok(), "{good}");
+        }
+        for bad in ["verbose", "edgeferry", "info,loud", "", "  ", "info,[x"] {
+            assert!(log_filter(bad).is_err(), "{bad:?} accepted");
+        }
+        let e = log_filter("verbose").unwrap_err().to_string();
+        assert!(e.contains("\"verbose\" is not a log level"), "{e}");
+    }
 
     #[test]
     fn empty_histogram_has_no_quantiles() {
@@ -553,8 +1029,11 @@ mod tests {
         let m = Metrics::default();
         m.committed.add(3);
         m.commit_latency.record(Duration::from_millis(2));
+        m.count_dead_letter(DeadLetterReason::Poison);
         let text = m.render();
         assert!(text.contains("edgeferry_committed_total 3"));
+        assert!(text.contains("edgeferry_dead_lettered_total{reason=\"poison\"} 1"));
+        assert!(text.contains("edgeferry_dead_lettered_total{reason=\"too-large\"} 0"));
         assert!(text.contains("edgeferry_commit_latency_seconds_count 1"));
     }
 

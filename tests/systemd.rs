@@ -62,7 +62,7 @@ impl Notifications {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ready_watchdog_only_while_healthy_and_stopping() {
+async fn ready_watchdog_fed_while_the_store_waits_on_a_lock_and_stopping() {
     let up = Upstream::start(BrokerKind::Rumqttd);
     let dir = tempfile::tempdir().unwrap();
     let (mut notes, sock) = Notifications::bind(dir.path());
@@ -79,26 +79,42 @@ async fn ready_watchdog_only_while_healthy_and_stopping() {
     notes.wait_for("WATCHDOG=1", Duration::from_secs(5));
     notes.wait_for("WATCHDOG=1", Duration::from_secs(5));
 
-    // Stall the store for real: another process holds the database's write lock (as an
-    // operator's sqlite3 shell in a write transaction would), and a device publishes, so the
-    // store thread blocks in its commit.
+    // The store cannot commit: another process holds the database's write lock (as an operator's
+    // sqlite3 shell in a write transaction would) while a device publishes. That is waiting on
+    // something outside, not a hang a restart would cure: STATUS says so, the device gets no
+    // PUBACK, and the watchdog keeps being fed.
     let lock = rusqlite::Connection::open(d.db_path()).unwrap();
     lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    publish_all(d.local, "dev-stall", "devices/stall", payloads("stall", 1)).await;
-    let stalled = notes.wait_for("STATUS=stalled", Duration::from_secs(10));
-    assert!(stalled.contains("store"), "{stalled}");
-    assert!(!stalled.contains("WATCHDOG=1"), "{stalled}");
-    let during = notes.collect(Duration::from_secs(2));
-    assert!(
-        during.iter().all(|m| !m.contains("WATCHDOG=1")),
-        "watchdog fed while the store was stuck: {during:?}"
+    let local = d.local;
+    let mut dev = tokio::task::spawn_blocking(move || {
+        let mut dev = common::raw::RawDevice::connect(local, "dev-stall", false);
+        dev.publish(b"devices/stall", b"stall", 1, 1);
+        dev
+    })
+    .await
+    .unwrap();
+    let failing = notes.wait_for("store commits failing", Duration::from_secs(15));
+    assert!(failing.contains("devices held back"), "{failing}");
+    notes.wait_for("WATCHDOG=1", Duration::from_secs(10));
+    notes.wait_for("WATCHDOG=1", Duration::from_secs(10));
+    assert_eq!(
+        dev.read(Duration::from_millis(100)),
+        common::raw::Got::Nothing,
+        "no PUBACK before the commit"
     );
 
-    // Released: commits resume, the message is committed, the watchdog is fed again.
+    // Released: the commit goes through, the device gets its PUBACK, STATUS is back to normal.
     lock.execute_batch("ROLLBACK").unwrap();
     drop(lock);
-    notes.wait_for("WATCHDOG=1", Duration::from_secs(15));
+    let dev = tokio::task::spawn_blocking(move || {
+        assert!(matches!(dev.read(WAIT), common::raw::Got::Packet(p) if p[0] == 0x40));
+        dev
+    })
+    .await
+    .unwrap();
+    drop(dev);
     d.wait_metric("edgeferry_committed_total", 1);
+    notes.wait_for("STATUS=queue", Duration::from_secs(15));
 
     assert_eq!(d.terminate(), Some(0));
     let all = notes.seen.join("\n") + &notes.collect(Duration::from_millis(200)).join("\n");

@@ -323,6 +323,9 @@ pub struct PubReport {
     /// Seconds from first publish to the last PUBACK.
     pub ack_s: f64,
     pub conn_errors: u64,
+    /// Device-side PUBACK latency (publish written to the socket -> PUBACK read), p50/p99, ms.
+    pub puback_p50_ms: Option<f64>,
+    pub puback_p99_ms: Option<f64>,
 }
 
 struct PubShared {
@@ -330,6 +333,8 @@ struct PubShared {
     acked: AtomicU64,
     errors: AtomicU64,
     last_ack_ns: AtomicU64,
+    /// PUBACK latencies in microseconds, all clients.
+    puback_us: Mutex<Vec<u32>>,
 }
 
 /// Runs the device clients to completion: publish per `spec`, then wait (up to `ack_timeout`)
@@ -345,6 +350,7 @@ pub fn run_publishers(
         acked: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         last_ack_ns: AtomicU64::new(0),
+        puback_us: Mutex::new(Vec::new()),
     });
     let run_tag = fastrand::u32(..);
     let start_ns = now_ns();
@@ -401,7 +407,19 @@ pub fn run_publishers(
             0.0
         },
         conn_errors: shared.errors.load(Ordering::Relaxed),
+        puback_p50_ms: quantile_ms(&shared.puback_us, 0.50),
+        puback_p99_ms: quantile_ms(&shared.puback_us, 0.99),
     })
+}
+
+fn quantile_ms(v: &Mutex<Vec<u32>>, q: f64) -> Option<f64> {
+    let mut v = v.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable();
+    let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+    Some(f64::from(v[i]) / 1000.0)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -434,6 +452,7 @@ async fn one_client(
             done_sending.clone(),
         );
         tokio::spawn(async move {
+            let mut written: HashMap<u16, Instant> = HashMap::new();
             let mut connected_once = false;
             let mut ack_deadline: Option<Instant> = None;
             while Instant::now() < hard_deadline {
@@ -452,7 +471,17 @@ async fn one_client(
                             sem.add_permits(window);
                         }
                     }
-                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                        written.insert(pkid, Instant::now());
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        if let Some(t) = written.remove(&ack.pkid) {
+                            let us = t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                            sh.puback_us
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(us);
+                        }
                         my_acked.fetch_add(1, Ordering::SeqCst);
                         sh.acked.fetch_add(1, Ordering::Relaxed);
                         sh.last_ack_ns.store(now_ns(), Ordering::Relaxed);

@@ -112,6 +112,10 @@ struct Args {
     /// Keep the temp dirs (configs, logs, stores) for inspection.
     #[arg(long)]
     keep: bool,
+    /// Extra lines for edgeferry's `[store]` table, e.g. --store-extra 'sync = "normal"'
+    /// (repeatable). Default: none (the shipped defaults).
+    #[arg(long)]
+    store_extra: Vec<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -183,7 +187,12 @@ impl Ctx {
     /// Starts the system under test in the world's dir (again, after a restart: same store).
     fn start_sut(&self, w: &World) -> Result<Sut> {
         match w.kind {
-            Kind::Edgeferry => Sut::start_edgeferry(&self.binary, &w.dir, w.upstream.port),
+            Kind::Edgeferry => Sut::start_edgeferry(
+                &self.binary,
+                &w.dir,
+                w.upstream.port,
+                &self.args.store_extra.join("\n"),
+            ),
             Kind::Mosquitto => Sut::start_mosquitto_bridge(&w.dir, w.upstream.port, &self.mosq),
         }
     }
@@ -281,6 +290,18 @@ fn account(
     r.rss_kib = s1.rss_kib;
     r.hwm_kib = s1.hwm_kib;
     r.m("ingest_ack_s", p.ack_s);
+    if let Some(v) = p.puback_p50_ms {
+        r.m("puback_p50_ms", v);
+    }
+    if let Some(v) = p.puback_p99_ms {
+        r.m("puback_p99_ms", v);
+    }
+    if p.acked > 0 {
+        r.m(
+            "ctxsw_per_msg",
+            s1.ctxsw.saturating_sub(s0.ctxsw) as f64 / p.acked as f64,
+        );
+    }
     r.m("publisher_conn_errors", p.conn_errors as f64);
     r.m(
         "subscriber_conn_errors",

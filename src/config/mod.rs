@@ -5,6 +5,7 @@
 //! file, the key and the problem, e.g.
 //! `/etc/edgeferry/edgeferry.toml: upstream.protocol: unknown variant "v4", expected "v5" or "v3.1.1" (line 14)`.
 
+mod security;
 pub mod serial;
 pub mod units;
 
@@ -62,6 +63,78 @@ pub struct Config {
     pub telemetry: Telemetry,
     #[serde(default)]
     pub shutdown: Shutdown,
+    #[serde(default)]
+    pub dead_letters: DeadLetters,
+}
+
+/// `[dead_letters]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLetters {
+    /// Dead letters older than this are removed (counted). Default 30d.
+    pub retain: HumanDuration,
+}
+
+impl Default for DeadLetters {
+    fn default() -> Self {
+        DeadLetters {
+            retain: HumanDuration(Duration::from_secs(30 * 86_400)),
+        }
+    }
+}
+
+/// What a route does when its bound, or the store's, is reached.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overflow {
+    /// Drop the route's oldest messages (counted). For telemetry, where the newest matters.
+    #[default]
+    DropOldest,
+    /// Commit nothing more for the route: devices get no PUBACK (serial ports no ack) and are
+    /// held back until room frees.
+    RejectNew,
+    /// Drop from the lowest-priority routes first. Needs route priorities, which this version
+    /// does not have yet; refused by validation.
+    DropLowestPriority,
+}
+
+/// What happens to a message whose route's `ttl` passed.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnExpiry {
+    /// Move it to the dead letters with reason "expired".
+    #[default]
+    DeadLetter,
+    /// Delete it (counted as dropped, reason "expired").
+    Drop,
+}
+
+/// `store.min_free`: "5%" of the filesystem, or a size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MinFree {
+    Percent(f64),
+    Bytes(u64),
+}
+
+impl<'de> Deserialize<'de> for MinFree {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<MinFree, D::Error> {
+        let text = String::deserialize(d)?;
+        let t = text.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            let v: f64 = p.trim().parse().map_err(|_| {
+                serde::de::Error::custom(format!("{text:?} is not a percentage like \"5%\""))
+            })?;
+            if !(0.0..=90.0).contains(&v) {
+                return Err(serde::de::Error::custom(format!(
+                    "{text:?}: a percentage from 0% to 90%"
+                )));
+            }
+            return Ok(MinFree::Percent(v));
+        }
+        units::parse_size(t)
+            .map(MinFree::Bytes)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// `[gateway]`
@@ -76,22 +149,52 @@ pub struct Gateway {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Local {
-    /// MQTT 3.1.1 listener. Default 127.0.0.1:1883.
+    /// MQTT 3.1.1 listener, an IP address and port. Default 127.0.0.1:1883.
+    #[serde(deserialize_with = "units::ip_port")]
     pub listen: SocketAddr,
     /// Optional MQTT 5 listener (needed for devices that send user properties). Default: none.
+    #[serde(deserialize_with = "units::opt_ip_port")]
     pub listen_v5: Option<SocketAddr>,
     /// Largest publish payload a device may send; a larger one is refused by the broker, which
     /// disconnects that device. Default 256KiB.
     pub max_payload: ByteSize,
-    /// Most device connections at once. Default 1000.
+    /// Most device connections at once; more are refused at accept. Default 1000.
     pub max_connections: usize,
-    /// In-memory log the broker keeps per route between a device's PUBACK and edgeferry's commit.
-    /// If ingest falls this far behind, the broker drops the oldest part (counted as
-    /// `edgeferry_local_dropped_total`). Default 2MiB.
-    pub buffer: ByteSize,
-    /// Hold devices back (stop reading their connections) while the store is behind, instead of
-    /// letting the broker's log overflow. Default true.
-    pub backpressure: bool,
+    /// Publishes one device connection may have waiting for their commit before edgeferry
+    /// stops reading from it (its PUBACKs are sent after the commit). Default 100.
+    pub max_inflight: u32,
+    /// A device must send CONNECT within this long after its TCP connection. Default 10s.
+    pub connect_timeout: HumanDuration,
+    /// Most connections that have not sent CONNECT yet; when all are taken the longest silent is
+    /// closed to make room, so sockets that never speak cannot use up file descriptors nor keep
+    /// a device out. Default 256.
+    pub max_handshakes: usize,
+    /// Most connections from one source address. Default 64.
+    pub max_connections_per_address: usize,
+    /// Removed: devices are acknowledged only after commit, so there is no in-memory log to
+    /// size. Present only to refuse the key with that explanation.
+    pub buffer: Option<toml::Value>,
+    /// Removed: back-pressure is how the ingress always works. Refused with an explanation.
+    pub backpressure: Option<toml::Value>,
+    /// Mosquitto password file (`$7$` and `$6$` lines; `edgeferry passwd` writes one). Reloaded
+    /// on SIGHUP. Default: none (user names are not verified).
+    pub password_file: Option<PathBuf>,
+    /// Whether devices without a user name may connect. Must be set explicitly when
+    /// `password_file` or `acl_file` is set; otherwise defaults to true.
+    pub allow_anonymous: Option<bool>,
+    /// Mosquitto ACL file (`user`, `topic`, `pattern`). Reloaded on SIGHUP. Default: none
+    /// (every device may publish and subscribe to everything).
+    pub acl_file: Option<PathBuf>,
+    /// Longest client id accepted; longer ones get CONNACK "identifier rejected". Default 128.
+    pub max_client_id_len: usize,
+    /// Longest topic name or filter, in bytes. Default 1024.
+    pub max_topic_len: usize,
+    /// Most levels in a topic name or filter. Default 16.
+    pub max_topic_levels: usize,
+    /// Most subscriptions one connection may add. Default 64.
+    pub max_subscriptions: usize,
+    /// Most QoS 2 publishes one connection may have awaiting PUBREL. Default 32.
+    pub max_qos2_inflight: usize,
 }
 
 impl Default for Local {
@@ -101,8 +204,20 @@ impl Default for Local {
             listen_v5: None,
             max_payload: ByteSize(256 << 10),
             max_connections: 1000,
-            buffer: ByteSize(2 << 20),
-            backpressure: true,
+            max_inflight: 100,
+            connect_timeout: HumanDuration(Duration::from_secs(10)),
+            max_handshakes: 256,
+            max_connections_per_address: 64,
+            buffer: None,
+            backpressure: None,
+            password_file: None,
+            allow_anonymous: None,
+            acl_file: None,
+            max_client_id_len: 128,
+            max_topic_len: 1024,
+            max_topic_levels: 16,
+            max_subscriptions: 64,
+            max_qos2_inflight: 32,
         }
     }
 }
@@ -117,16 +232,28 @@ pub struct Store {
     /// of edgeferry but the last ones may be lost on power loss; fewer flash writes. Default "full".
     #[serde(default)]
     pub sync: SyncMode,
-    /// Longest a received message waits to be grouped with others before the commit. Default 5ms.
+    /// Linger: how long a commit may wait for more messages to group with. Default 0 (none: a
+    /// commit starts as soon as the previous one ended and takes whatever queued meanwhile).
+    /// A few milliseconds trade device PUBACK latency for fewer flash writes at low rates.
     #[serde(default = "default_commit_interval")]
     pub commit_interval: HumanDuration,
     /// Most messages per commit. Default 1024.
     #[serde(default = "default_commit_batch")]
     pub commit_batch: usize,
+    /// Most bytes the queued messages may take (topic + payload + 64 bytes each, which tracks
+    /// the file's size). Beyond it routes overflow per their policy. Default 512MiB.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// Free space the queue leaves on its filesystem. Default: the larger of 5% and 100MiB.
+    pub min_free: Option<MinFree>,
+}
+
+fn default_max_bytes() -> ByteSize {
+    ByteSize(512 << 20)
 }
 
 fn default_commit_interval() -> HumanDuration {
-    HumanDuration(Duration::from_millis(5))
+    HumanDuration(Duration::ZERO)
 }
 fn default_commit_batch() -> usize {
     1024
@@ -198,6 +325,10 @@ pub struct Upstream {
     /// MQTT 5 user property carrying the message id. Default "edgeferry-id".
     #[serde(default = "default_id_property")]
     pub id_property: String,
+    /// Quarantine a message as poison once the upstream dropped the connection this many times
+    /// in a row right after it was sent alone. At least 1. Default 3.
+    #[serde(default = "default_poison_after")]
+    pub poison_after: u32,
 }
 
 fn default_keepalive() -> HumanDuration {
@@ -270,6 +401,9 @@ impl<'de> Deserialize<'de> for AddressList {
 fn default_id_property() -> String {
     "edgeferry-id".into()
 }
+fn default_poison_after() -> u32 {
+    3
+}
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 pub enum Protocol {
@@ -296,6 +430,27 @@ pub struct Route {
     /// Ingest dedup key: "property:NAME" (MQTT 5 user property) or "json:/pointer" (RFC 6901
     /// pointer into a JSON payload). Default: none.
     pub dedup: Option<String>,
+    /// Names the route in the queue (stats, metrics, `edgeferry queue --route`). Default: `from`.
+    pub name: Option<String>,
+    /// Most bytes (topic + payload + 64 each) of this route's queued messages. Default: none.
+    pub max_bytes: Option<ByteSize>,
+    /// Most messages of this route queued. Default: none.
+    pub max_messages: Option<u64>,
+    /// "drop-oldest" (default), "reject-new" or "drop-lowest-priority".
+    #[serde(default)]
+    pub overflow: Overflow,
+    /// Messages older than this expire. Default: never.
+    pub ttl: Option<HumanDuration>,
+    /// "dead-letter" (default) or "drop".
+    #[serde(default)]
+    pub on_expiry: OnExpiry,
+}
+
+impl Route {
+    /// The route's name in the queue.
+    pub fn queue_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.from)
+    }
 }
 
 fn default_to() -> String {
@@ -309,9 +464,10 @@ fn default_qos() -> u8 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Dedup {
-    /// Keys older than this are forgotten. Default 1h.
+    /// Keys older than this are forgotten; measured on the monotonic clock while running (see
+    /// `dedup::WindowClock`). Default 1h.
     pub window: HumanDuration,
-    /// Most keys remembered; the oldest go first. Default 100000.
+    /// Most keys remembered; the earliest admitted go first. Default 100000.
     pub max_keys: u64,
 }
 
@@ -329,8 +485,10 @@ impl Default for Dedup {
 #[serde(deny_unknown_fields, default)]
 pub struct Telemetry {
     /// Prometheus text endpoint, e.g. "127.0.0.1:9880". Default: off.
+    #[serde(deserialize_with = "units::opt_ip_port")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Log filter when RUST_LOG is unset: error, warn, info, debug, trace. Default "info".
+    /// Log filter when RUST_LOG is unset: error, warn, info, debug, trace, or directives that
+    /// each name a level ("info,edgeferry=debug"). Default "info".
     pub log_level: String,
 }
 
@@ -396,6 +554,8 @@ pub struct RouteSpec {
     pub filter: TopicFilter,
     pub template: Template,
     pub dedup: Option<DedupKey>,
+    /// The route's name in the queue (`name`, else `from`).
+    pub name: std::sync::Arc<str>,
 }
 
 impl Config {
@@ -412,8 +572,15 @@ impl Config {
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::new(text);
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
+            let mut key = e.path().to_string();
             let inner = e.into_inner();
+            // The TOML parser reports some bad values (an integer too large for 64 bits) before
+            // serde sees a key; find the key from where the value is.
+            if key == "." {
+                if let Some(k) = inner.span().and_then(|s| key_at(text, s.start)) {
+                    key = k;
+                }
+            }
             let line = inner
                 .span()
                 .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
@@ -456,18 +623,40 @@ impl Config {
                 "must be between 1 B and 256MiB".into(),
             ));
         }
-        if self.local.buffer.0 < 64 << 10 {
-            return Err(bad("local.buffer", "must be at least 64KiB".into()));
-        }
-        if self.local.buffer.0 < 2 * self.local.max_payload.0 {
+        if self.local.buffer.is_some() {
             return Err(bad(
                 "local.buffer",
-                "must be at least twice local.max_payload".into(),
+                "no longer exists: devices get their PUBACK only after the commit, so no in-memory log needs sizing; delete the key".into(),
             ));
+        }
+        if self.local.backpressure.is_some() {
+            return Err(bad(
+                "local.backpressure",
+                "no longer exists: a device is always held back while its publishes wait for the store; delete the key".into(),
+            ));
+        }
+        if self.local.max_inflight == 0 || self.local.max_inflight > 65535 {
+            return Err(bad(
+                "local.max_inflight",
+                "must be between 1 and 65535".into(),
+            ));
+        }
+        if self.local.max_handshakes == 0 {
+            return Err(bad("local.max_handshakes", "must be at least 1".into()));
+        }
+        if self.local.max_connections_per_address == 0 {
+            return Err(bad(
+                "local.max_connections_per_address",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.local.connect_timeout.0.is_zero() {
+            return Err(bad("local.connect_timeout", "must be above 0".into()));
         }
         if self.local.max_connections == 0 {
             return Err(bad("local.max_connections", "must be at least 1".into()));
         }
+        security::validate(&self.local, &bad)?;
         if Some(self.local.listen) == self.local.listen_v5 {
             return Err(bad(
                 "local.listen_v5",
@@ -483,7 +672,7 @@ impl Config {
         if self.store.commit_interval.0 > Duration::from_secs(1) {
             return Err(bad(
                 "store.commit_interval",
-                "must be at most 1s: it is the window in which an acknowledged message is not yet on disk".into(),
+                "must be at most 1s: devices wait this long for their PUBACK".into(),
             ));
         }
         if self.store.path.as_os_str().is_empty() || self.store.path.is_dir() {
@@ -596,6 +785,12 @@ impl Config {
         if up.id_property.is_empty() {
             return Err(bad("upstream.id_property", "must not be empty".into()));
         }
+        if up.poison_after == 0 {
+            return Err(bad(
+                "upstream.poison_after",
+                "must be at least 1 (the number of dropped connections before a message is quarantined)".into(),
+            ));
+        }
         if self.routes.is_empty() && self.serial.is_empty() {
             return Err(bad(
                 "route",
@@ -605,6 +800,43 @@ impl Config {
         for (i, r) in self.routes.iter().enumerate() {
             self.route_spec(i, r)
                 .map_err(|(k, p)| bad(&format!("route[{i}].{k}"), p))?;
+        }
+        let mut route_names = std::collections::HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let name = r.queue_name();
+            if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+                return Err(bad(
+                    &format!("route[{i}].name"),
+                    "1-256 characters, no control characters".into(),
+                ));
+            }
+            if !route_names.insert(name.to_string()) {
+                return Err(bad(
+                    &format!("route[{i}].name"),
+                    format!("{name:?} names another route too; give each route its own name"),
+                ));
+            }
+            if r.overflow == Overflow::DropLowestPriority {
+                return Err(bad(
+                    &format!("route[{i}].overflow"),
+                    "\"drop-lowest-priority\" needs route priorities, which this version does not have; use \"drop-oldest\" or \"reject-new\"".into(),
+                ));
+            }
+            if r.max_messages == Some(0) || r.max_bytes.is_some_and(|b| b.0 == 0) {
+                return Err(bad(
+                    &format!("route[{i}].max_messages"),
+                    "bounds must be above 0".into(),
+                ));
+            }
+            if r.ttl.is_some_and(|t| t.0.is_zero()) {
+                return Err(bad(&format!("route[{i}].ttl"), "must be above 0".into()));
+            }
+        }
+        if self.store.max_bytes.0 < 1 << 20 {
+            return Err(bad("store.max_bytes", "must be at least 1MiB".into()));
+        }
+        if self.dead_letters.retain.0.is_zero() {
+            return Err(bad("dead_letters.retain", "must be above 0".into()));
         }
         let mut names = std::collections::HashSet::new();
         for (i, port) in self.serial.iter().enumerate() {
@@ -626,7 +858,7 @@ impl Config {
         if self.dedup.window.0.is_zero() {
             return Err(bad("dedup.window", "must be above 0".into()));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level)
+        crate::telemetry::log_filter(&self.telemetry.log_level)
             .map_err(|e| bad("telemetry.log_level", e.to_string()))?;
         Ok(())
     }
@@ -659,7 +891,45 @@ impl Config {
             filter,
             template,
             dedup,
+            name: r.queue_name().into(),
         })
+    }
+
+    /// The queue's bounds and expiry per route name (routes and serial ports).
+    pub fn store_options(&self) -> crate::queue::StoreOptions {
+        let (min_free_percent, min_free_bytes) = match self.store.min_free {
+            None => (5.0, 100 << 20),
+            Some(MinFree::Percent(p)) => (p, 0),
+            Some(MinFree::Bytes(b)) => (0.0, b),
+        };
+        let routes = self
+            .routes
+            .iter()
+            .map(|r| {
+                (
+                    r.queue_name().to_string(),
+                    crate::queue::RoutePolicy {
+                        max_bytes: r.max_bytes.map(|b| b.0),
+                        max_messages: r.max_messages,
+                        overflow: r.overflow,
+                        ttl: r.ttl.map(|t| t.0),
+                        on_expiry: r.on_expiry,
+                    },
+                )
+            })
+            .collect();
+        crate::queue::StoreOptions {
+            sync: self.store.sync,
+            commit_interval: self.store.commit_interval.0,
+            commit_batch: self.store.commit_batch,
+            dedup_window: self.dedup.window.0,
+            dedup_max_keys: self.dedup.max_keys,
+            max_bytes: self.store.max_bytes.0,
+            min_free_percent,
+            min_free_bytes,
+            routes,
+            dead_retain: self.dead_letters.retain.0,
+        }
     }
 
     /// The validated routes (call only on a config returned by `load`/`parse`).
@@ -678,6 +948,42 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.gateway.id.clone())
     }
+}
+
+/// The dotted key (`upstream.inflight`, `route[1].qos`) whose value starts at byte `offset` of
+/// `text`: the last `key =` on that line, under the last table header above it. Best effort, for
+/// error messages only.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let mut table = String::new();
+    let mut arrays: std::collections::HashMap<String, usize> = Default::default();
+    let mut start = 0;
+    for line in text.split_inclusive('\n') {
+        let end = start + line.len();
+        if offset < end {
+            let before = text.get(start..offset)?;
+            let (lhs, _) = before.rsplit_once('=')?;
+            let key = lhs.rsplit(['{', ',']).next()?.trim().trim_matches('"');
+            if key.is_empty() || key.starts_with('#') {
+                return None;
+            }
+            return Some(if table.is_empty() {
+                key.to_string()
+            } else {
+                format!("{table}.{key}")
+            });
+        }
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_string();
+            let n = arrays.entry(name.clone()).or_default();
+            table = format!("{name}[{n}]");
+            *n += 1;
+        } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = name.trim().to_string();
+        }
+        start = end;
+    }
+    None
 }
 
 /// Split "host:port" (or "[v6]:port"), validating the port.
@@ -731,6 +1037,7 @@ from = "devices/#"
         assert_eq!(c.upstream.protocol, Protocol::V5);
         assert_eq!(c.store.sync, SyncMode::Full);
         assert_eq!(c.upstream.inflight, 64);
+        assert_eq!(c.upstream.poison_after, 3);
         assert_eq!(c.client_id(), "gw-1");
         assert_eq!(c.routes[0].to, "{topic}");
     }
@@ -795,6 +1102,7 @@ from = "devices/#"
             // rumqttc's MQTT 5 client refuses (panics on) keepalives under 5s.
             (upstream_plus("keepalive = \"4s\""), "upstream.keepalive"),
             (upstream_plus("inflight = 0"), "upstream.inflight"),
+            (upstream_plus("poison_after = 0"), "upstream.poison_after"),
             (upstream_plus("inflight = 70000"), "upstream.inflight"),
             (upstream_plus("password = \"x\""), "upstream.username"),
             (
@@ -841,13 +1149,51 @@ from = "devices/#"
                 MINIMAL.to_string() + "[local]\nlisten = \"localhost\"\n",
                 "local.listen",
             ),
+            (
+                MINIMAL.to_string() + "[local]\nlisten_v5 = \"localhost:1884\"\n",
+                "local.listen_v5",
+            ),
+            (
+                MINIMAL.to_string() + "[telemetry]\nmetrics_listen = \"gw.local:9880\"\n",
+                "telemetry.metrics_listen",
+            ),
+            // Too large for any TOML integer: the parser reports it before serde knows the key.
+            (
+                upstream_plus("inflight = 99999999999999999999"),
+                "upstream.inflight",
+            ),
+            (
+                MINIMAL.to_string() + "[[route]]\nfrom = \"a\"\nqos = 99999999999999999999\n",
+                "route[1].qos",
+            ),
+            (
+                MINIMAL.to_string() + "[dedup]\nmax_keys = 99999999999999999999\n",
+                "dedup.max_keys",
+            ),
             (MINIMAL.to_string() + "[store2]\n", "store2"),
+            (
+                MINIMAL.to_string() + "[local]\nbuffer = \"2MiB\"\n",
+                "local.buffer",
+            ),
+            (
+                MINIMAL.to_string() + "[local]\nbackpressure = false\n",
+                "local.backpressure",
+            ),
+            (
+                MINIMAL.to_string() + "[local]\nmax_inflight = 0\n",
+                "local.max_inflight",
+            ),
             (
                 MINIMAL.to_string() + "[dedup]\nwindow = \"0s\"\n",
                 "dedup.window",
             ),
             (
                 MINIMAL.to_string() + "[telemetry]\nlog_level = \"loud[\"\n",
+                "telemetry.log_level",
+            ),
+            // Parses as a filter for a module named "verbose": the daemon would log nothing.
+            (
+                MINIMAL.to_string() + "[telemetry]\nlog_level = \"verbose\"\n",
                 "telemetry.log_level",
             ),
             (
@@ -891,10 +1237,10 @@ from = "devices/#"
 
     #[test]
     fn durations_and_sizes_are_human_strings() {
-        let text =
-            MINIMAL.to_string() + "[local]\nbuffer = \"16MiB\"\n[shutdown]\ngrace = \"2500ms\"\n";
+        let text = MINIMAL.to_string()
+            + "[local]\nmax_payload = \"16KiB\"\n[shutdown]\ngrace = \"2500ms\"\n";
         let c = parse(&text).unwrap();
-        assert_eq!(c.local.buffer.0, 16 << 20);
+        assert_eq!(c.local.max_payload.0, 16 << 10);
         assert_eq!(c.shutdown.grace.0, Duration::from_millis(2500));
     }
 

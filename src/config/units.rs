@@ -1,7 +1,9 @@
 //! Human-readable durations ("500ms", "30s", "2m", "1h", "7d") and sizes ("512KiB", "8MiB",
-//! "1GB", "4096"). Pure parsing, shared by every config key that takes one.
+//! "1GB", "4096"), and listen addresses ("127.0.0.1:1883"). Pure parsing, shared by every config
+//! key that takes one.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -15,6 +17,28 @@ pub struct HumanDuration(pub Duration);
 /// GiB (powers of 1024). A bare number means bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);
+
+/// A listen address: an IP address and a port. Host names are refused rather than resolved: which
+/// of a name's addresses (127.0.0.1 or ::1 for "localhost") a listener binds would depend on the
+/// resolver at start-up, and devices would find it on one family only.
+pub fn parse_ip_port(text: &str) -> Result<SocketAddr, String> {
+    text.trim().parse().map_err(|_| {
+        format!(
+            "{text:?} is not an IP address and port; host names are not resolved: use e.g. \"127.0.0.1:1883\", \"0.0.0.0:1883\" (all interfaces) or \"[::1]:1883\""
+        )
+    })
+}
+
+/// `deserialize_with` for a listen address (see [`parse_ip_port`]).
+pub fn ip_port<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_ip_port(&text).map_err(serde::de::Error::custom)
+}
+
+/// `deserialize_with` for an optional listen address (see [`parse_ip_port`]).
+pub fn opt_ip_port<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    ip_port(d).map(Some)
+}
 
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();

@@ -8,7 +8,10 @@ use std::io::BufReader;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use rumqttc::v5::mqttbytes::v5::PubAckReason;
+use rumqttc::Outgoing;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 use tokio::sync::{mpsc, watch};
@@ -16,18 +19,30 @@ use tokio::task::JoinHandle;
 
 use crate::config::{split_host_port, Config, Protocol};
 use crate::forward::backoff::Reconnect;
+use crate::telemetry::DeadLetterReason;
 
 /// What the session learns from the connection, in order.
 #[derive(Debug)]
 pub enum UpEvent {
-    /// CONNACK accepted; `max_packet` is the broker's limit if it announced one (MQTT 5).
-    Connected { max_packet: Option<u32> },
+    /// CONNACK accepted. `max_packet` is the broker's packet size limit and `receive_max` its
+    /// limit on unacknowledged publishes, if it announced them (MQTT 5).
+    Connected {
+        max_packet: Option<u32>,
+        receive_max: Option<u16>,
+    },
     /// The next publish handed to the client went out with this packet id.
     Sent(u16),
     /// PUBACK for a packet id; `refusal` is set when the broker refused the message (MQTT 5).
     Acked { pkid: u16, refusal: Option<Refusal> },
     /// A message on a subscribed (downlink) topic.
     Message { topic: String, payload: Vec<u8> },
+    /// rumqttc parked a publish behind an unacknowledged one with the same packet id. The
+    /// forwarder never hands it such a publish; should it happen anyway, the session is
+    /// restarted rather than left waiting for rumqttc to release it (which, after a refused
+    /// PUBACK, it never does).
+    Collision(u16),
+    /// Another packet from the upstream (PINGRESP, SUBACK): the link carries traffic both ways.
+    Heard,
 }
 
 /// An MQTT 5 PUBACK with a failure reason code.
@@ -36,6 +51,8 @@ pub struct Refusal {
     pub reason: String,
     /// Worth sending again later (quota, transient broker trouble) rather than dead-lettering.
     pub retry: bool,
+    /// The dead-letter label when final.
+    pub label: DeadLetterReason,
 }
 
 /// Decide whether a refused publish is worth a retry. Refusals about the message itself
@@ -43,17 +60,52 @@ pub struct Refusal {
 /// anything that may be transient is retried after a reconnect.
 pub fn classify_refusal(reason: PubAckReason) -> Option<Refusal> {
     use PubAckReason::*;
-    let retry = match reason {
+    let (retry, label) = match reason {
         Success | NoMatchingSubscribers => return None,
-        NotAuthorized | TopicNameInvalid | PayloadFormatInvalid => false,
+        TopicNameInvalid => (false, DeadLetterReason::InvalidTopic),
+        NotAuthorized | PayloadFormatInvalid => (false, DeadLetterReason::Refused),
         UnspecifiedError | ImplementationSpecificError | PacketIdentifierInUse | QuotaExceeded => {
-            true
+            (true, DeadLetterReason::Refused)
         }
     };
     Some(Refusal {
         reason: format!("upstream PUBACK reason {reason:?}"),
         retry,
+        label,
     })
+}
+
+/// Why a session ended. The variant decides whether a message in flight is blamed: only
+/// [`SessionError::Lost`] and [`SessionError::Unacked`] count towards quarantining a message as
+/// poison, and only [`SessionError::Message`] names a message outright.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// No session was established (TCP, TLS, timeout before CONNACK): an outage or a
+    /// configuration problem, never blamed on a message.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The upstream answered CONNECT with a refusal (credentials, authorisation, client id).
+    #[error("upstream refused the connection: {0}")]
+    Refused(String),
+    /// The connection was lost after CONNACK without a reason that clears the messages in
+    /// flight (closed, reset, or a DISCONNECT for a malformed packet or protocol error): the
+    /// message in flight may be the cause.
+    #[error("{0}")]
+    Lost(String),
+    /// The session ended for a reason that is about no message: the broker shutting down or
+    /// taking the session over, a silent link (no PINGRESP), a client-side failure.
+    #[error("{0}")]
+    Ended(String),
+    /// The upstream, or the codec, named a message as the cause (packet too large, topic name
+    /// invalid, payload format invalid): final for the message that was in flight.
+    #[error("{detail}")]
+    Message {
+        reason: DeadLetterReason,
+        detail: String,
+    },
+    /// A message stayed unacknowledged while the upstream kept answering other packets.
+    #[error("{0}")]
+    Unacked(String),
 }
 
 /// Connection settings derived once from the config.
@@ -83,6 +135,8 @@ pub struct Settings {
     pub window: u16,
     pub max_packet: usize,
     pub id_property: String,
+    /// Strikes before a message is quarantined as poison (`upstream.poison_after`).
+    pub poison_after: u32,
 }
 
 impl Settings {
@@ -132,6 +186,7 @@ impl Settings {
             // Room for the largest local payload plus a maximal topic and properties.
             max_packet: config.local.max_payload.0 as usize + 70 * 1024,
             id_property: up.id_property.clone(),
+            poison_after: up.poison_after,
         })
     }
 
@@ -208,15 +263,16 @@ pub enum UpClient {
     V5(rumqttc::v5::AsyncClient, String),
 }
 
-pub type Events = mpsc::Receiver<Result<UpEvent, String>>;
+pub type Events = mpsc::Receiver<Result<UpEvent, SessionError>>;
 
 impl UpClient {
     /// Start a session: the event loop runs on its own task and reports through `Events`; the
-    /// first report is `Connected` or an error.
-    pub fn connect(s: &Settings) -> Result<(UpClient, Events, JoinHandle<()>), String> {
-        let password = s.password()?;
+    /// first report is `Connected` or an error. When the loop fails, the acknowledgements it had
+    /// already read are reported before the error, so those messages are not resent.
+    pub fn connect(s: &Settings) -> Result<(UpClient, Events, JoinHandle<()>), SessionError> {
+        let password = s.password().map_err(SessionError::Unreachable)?;
         // The forwarder never has more than `window` publishes outstanding; the channel needs
-        // no more room than that plus the disconnect.
+        // no more room than that plus the subscriptions and the disconnect.
         let cap = s.window as usize + 8;
         let (tx, rx) = mpsc::channel(256);
         let report = s.report.clone();
@@ -240,31 +296,26 @@ impl UpClient {
                 el.network_options
                     .set_connection_timeout(s.connect_timeout.as_secs().max(1));
                 let task = tokio::spawn(async move {
-                    use rumqttc::{Event, Outgoing, Packet};
+                    let mut connected = false;
                     loop {
                         let ev = match el.poll().await {
-                            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                                report.connected.send_replace(true);
-                                UpEvent::Connected { max_packet: None }
-                            }
-                            Ok(Event::Incoming(Packet::PubAck(p))) => UpEvent::Acked {
-                                pkid: p.pkid,
-                                refusal: None,
-                            },
-                            Ok(Event::Incoming(Packet::Publish(p))) => UpEvent::Message {
-                                topic: p.topic,
-                                payload: p.payload.to_vec(),
-                            },
-                            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => UpEvent::Sent(pkid),
-                            Ok(_) => continue,
+                            Ok(ev) => ev,
                             Err(e) => {
-                                let error = classify_v4(&e, &ctx);
-                                let text = error.to_string();
-                                report.failed(error);
-                                let _ = tx.send(Err(text)).await;
+                                for ev in el.state.events.drain(..) {
+                                    if let Some(ev) = convert_v4(ev) {
+                                        let _ = tx.send(Ok(ev)).await;
+                                    }
+                                }
+                                report.failed(link_error_v4(&e, &ctx));
+                                let _ = tx.send(Err(classify_v4(&e, connected))).await;
                                 return;
                             }
                         };
+                        let Some(ev) = convert_v4(ev) else { continue };
+                        if matches!(ev, UpEvent::Connected { .. }) {
+                            connected = true;
+                            report.connected.send_replace(true);
+                        }
                         if tx.send(Ok(ev)).await.is_err() {
                             return;
                         }
@@ -289,34 +340,26 @@ impl UpClient {
                 }
                 let (client, mut el) = rumqttc::v5::AsyncClient::new(o, cap);
                 let task = tokio::spawn(async move {
-                    use rumqttc::v5::{Event, Incoming};
-                    use rumqttc::Outgoing;
+                    let mut connected = false;
                     loop {
                         let ev = match el.poll().await {
-                            Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
-                                report.connected.send_replace(true);
-                                UpEvent::Connected {
-                                    max_packet: ack.properties.and_then(|p| p.max_packet_size),
-                                }
-                            }
-                            Ok(Event::Incoming(Incoming::PubAck(p))) => UpEvent::Acked {
-                                pkid: p.pkid,
-                                refusal: classify_refusal(p.reason),
-                            },
-                            Ok(Event::Incoming(Incoming::Publish(p))) => UpEvent::Message {
-                                topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                                payload: p.payload.to_vec(),
-                            },
-                            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => UpEvent::Sent(pkid),
-                            Ok(_) => continue,
+                            Ok(ev) => ev,
                             Err(e) => {
-                                let error = classify_v5(&e, &ctx);
-                                let text = error.to_string();
-                                report.failed(error);
-                                let _ = tx.send(Err(text)).await;
+                                for ev in el.state.events.drain(..) {
+                                    if let Some(ev) = convert_v5(ev) {
+                                        let _ = tx.send(Ok(ev)).await;
+                                    }
+                                }
+                                report.failed(link_error_v5(&e, &ctx));
+                                let _ = tx.send(Err(classify_v5(&e, connected))).await;
                                 return;
                             }
                         };
+                        let Some(ev) = convert_v5(ev) else { continue };
+                        if matches!(ev, UpEvent::Connected { .. }) {
+                            connected = true;
+                            report.connected.send_replace(true);
+                        }
                         if tx.send(Ok(ev)).await.is_err() {
                             return;
                         }
@@ -327,32 +370,29 @@ impl UpClient {
         }
     }
 
-    /// Queue a QoS 1 publish carrying `id` (as a user property on MQTT 5).
-    pub async fn publish(&self, topic: &str, payload: Vec<u8>, id: String) -> Result<(), String> {
+    /// Queue a QoS 1 publish carrying `id` (as a user property on MQTT 5). An error means the
+    /// event loop has ended (its reason arrives on `Events`): the topic was checked beforehand
+    /// with [`topic_name_problem`], which includes rumqttc's own check.
+    pub async fn publish(&self, topic: &str, payload: Bytes, id: String) -> Result<(), String> {
         match self {
             UpClient::V4(c) => c
-                .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .publish_bytes(topic, rumqttc::QoS::AtLeastOnce, false, payload)
                 .await
                 .map_err(|e| e.to_string()),
-            UpClient::V5(c, prop) => {
-                let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
-                    user_properties: vec![(prop.clone(), id)],
-                    ..Default::default()
-                };
-                c.publish_with_properties(
+            UpClient::V5(c, prop) => c
+                .publish_bytes_with_properties(
                     topic,
                     rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
                     false,
                     payload,
-                    props,
+                    id_properties(prop, id),
                 )
                 .await
-                .map_err(|e| e.to_string())
-            }
+                .map_err(|e| e.to_string()),
         }
     }
 
-    /// Subscribe to a downlink topic filter with QoS 1.
+    /// Subscribe to a downlink topic filter with QoS 1. Takes a packet id, like a publish.
     pub async fn subscribe(&self, filter: &str) -> Result<(), String> {
         match self {
             UpClient::V4(c) => c
@@ -371,6 +411,211 @@ impl UpClient {
             UpClient::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
             UpClient::V5(c, _) => c.disconnect().await.map_err(|e| e.to_string()),
         };
+    }
+}
+
+fn id_properties(prop: &str, id: String) -> rumqttc::v5::mqttbytes::v5::PublishProperties {
+    rumqttc::v5::mqttbytes::v5::PublishProperties {
+        user_properties: vec![(prop.to_string(), id)],
+        ..Default::default()
+    }
+}
+
+/// The exact size on the wire of the QoS 1 PUBLISH this client sends for a message, computed
+/// by rumqttc's own encoder (with the packet id and, on MQTT 5, the id property): the size a
+/// broker's maximum packet size applies to.
+pub fn publish_size(
+    protocol: Protocol,
+    topic: &str,
+    payload: &Bytes,
+    id_property: &str,
+    id: &str,
+) -> usize {
+    match protocol {
+        Protocol::V311 => {
+            let mut p =
+                rumqttc::Publish::from_bytes(topic, rumqttc::QoS::AtLeastOnce, payload.clone());
+            // Every QoS 1 publish carries a packet id; rumqttc counts it only once one is set.
+            p.pkid = 1;
+            p.size()
+        }
+        Protocol::V5 => {
+            let mut p = rumqttc::v5::mqttbytes::v5::Publish::new(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                payload.clone(),
+                Some(id_properties(id_property, id.to_string())),
+            );
+            p.pkid = 1;
+            p.size()
+        }
+    }
+}
+
+/// Why `topic` cannot be sent as an MQTT topic name, if it cannot. Rows are checked before they
+/// are published because a row may have been written by an older version or rendered by a
+/// template that has since changed, and a broker disconnects a client that sends such a name
+/// (which would otherwise stop the queue at that row).
+///
+/// The rules ingest applies ([`crate::route::check_topic_str`]: empty, wildcards, NUL, over
+/// 65535 bytes), then two that MQTT only discourages but Mosquitto enforces with a disconnect:
+/// control characters (U+0001-U+001F, U+007F-U+009F) and Unicode noncharacters.
+pub fn topic_name_problem(topic: &str) -> Option<String> {
+    if let Err(e) = crate::route::check_topic_str(topic) {
+        return Some(e.to_string());
+    }
+    if !rumqttc::valid_topic(topic) {
+        return Some("refused by the MQTT client as a topic name".into());
+    }
+    if topic.chars().any(char::is_control) {
+        return Some("control character in the topic".into());
+    }
+    let noncharacter = |c: char| {
+        let c = u32::from(c);
+        (0xFDD0..=0xFDEF).contains(&c) || c & 0xFFFE == 0xFFFE
+    };
+    if topic.chars().any(noncharacter) {
+        return Some("Unicode noncharacter in the topic".into());
+    }
+    None
+}
+
+fn convert_v4(ev: rumqttc::Event) -> Option<UpEvent> {
+    use rumqttc::{Event, Packet};
+    Some(match ev {
+        Event::Incoming(Packet::ConnAck(_)) => UpEvent::Connected {
+            max_packet: None,
+            receive_max: None,
+        },
+        Event::Incoming(Packet::PubAck(p)) => UpEvent::Acked {
+            pkid: p.pkid,
+            refusal: None,
+        },
+        Event::Incoming(Packet::Publish(p)) => UpEvent::Message {
+            topic: p.topic,
+            payload: p.payload.to_vec(),
+        },
+        Event::Incoming(Packet::PingResp | Packet::SubAck(_)) => UpEvent::Heard,
+        Event::Outgoing(Outgoing::Publish(pkid)) => UpEvent::Sent(pkid),
+        Event::Outgoing(Outgoing::AwaitAck(pkid)) => UpEvent::Collision(pkid),
+        _ => return None,
+    })
+}
+
+fn convert_v5(ev: rumqttc::v5::Event) -> Option<UpEvent> {
+    use rumqttc::v5::{Event, Incoming};
+    Some(match ev {
+        Event::Incoming(Incoming::ConnAck(ack)) => {
+            let props = ack.properties.as_ref();
+            UpEvent::Connected {
+                max_packet: props.and_then(|p| p.max_packet_size),
+                receive_max: props.and_then(|p| p.receive_max),
+            }
+        }
+        Event::Incoming(Incoming::PubAck(p)) => UpEvent::Acked {
+            pkid: p.pkid,
+            refusal: classify_refusal(p.reason),
+        },
+        Event::Incoming(Incoming::Publish(p)) => UpEvent::Message {
+            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+            payload: p.payload.to_vec(),
+        },
+        Event::Incoming(Incoming::PingResp(_) | Incoming::SubAck(_)) => UpEvent::Heard,
+        Event::Outgoing(Outgoing::Publish(pkid)) => UpEvent::Sent(pkid),
+        Event::Outgoing(Outgoing::AwaitAck(pkid)) => UpEvent::Collision(pkid),
+        _ => return None,
+    })
+}
+
+/// Sort an MQTT 3.1.1 session failure by what it says about the messages in flight.
+fn classify_v4(e: &rumqttc::ConnectionError, connected: bool) -> SessionError {
+    use rumqttc::{ConnectionError as C, StateError as S};
+    match e {
+        C::ConnectionRefused(code) => SessionError::Refused(format!("{code:?}")),
+        _ if !connected => SessionError::Unreachable(e.to_string()),
+        C::MqttState(S::Deserialization(rumqttc::Error::OutgoingPacketTooLarge {
+            pkt_size,
+            max,
+        })) => SessionError::Message {
+            reason: DeadLetterReason::TooLarge,
+            detail: format!("a {pkt_size}-byte packet exceeds the client's limit of {max} bytes"),
+        },
+        C::MqttState(
+            S::AwaitPingResp
+            | S::CollisionTimeout
+            | S::Unsolicited(_)
+            | S::WrongPacket
+            | S::InvalidState
+            | S::EmptySubscription,
+        )
+        | C::RequestsDone => SessionError::Ended(e.to_string()),
+        _ => SessionError::Lost(e.to_string()),
+    }
+}
+
+/// Sort an MQTT 5 session failure by what it says about the messages in flight.
+fn classify_v5(e: &rumqttc::v5::ConnectionError, connected: bool) -> SessionError {
+    use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode as D;
+    use rumqttc::v5::mqttbytes::Error as M;
+    use rumqttc::v5::{ConnectionError as C, StateError as S};
+    match e {
+        C::ConnectionRefused(code) => SessionError::Refused(format!("{code:?}")),
+        _ if !connected => SessionError::Unreachable(e.to_string()),
+        C::MqttState(S::ServerDisconnect {
+            reason_code,
+            reason_string,
+        }) => {
+            let detail = format!(
+                "upstream sent DISCONNECT with reason {reason_code:?} (0x{:02X}){}",
+                *reason_code as u8,
+                reason_string
+                    .as_deref()
+                    .map(|s| format!(": {s}"))
+                    .unwrap_or_default()
+            );
+            let reason = match reason_code {
+                D::PacketTooLarge => DeadLetterReason::TooLarge,
+                D::TopicNameInvalid => DeadLetterReason::InvalidTopic,
+                D::PayloadFormatInvalid => DeadLetterReason::Refused,
+                // Perhaps a message the broker could not parse: worth a strike, not a verdict.
+                D::MalformedPacket
+                | D::ProtocolError
+                | D::UnspecifiedError
+                | D::ImplementationSpecificError => return SessionError::Lost(detail),
+                // About the connection, the broker or the client, never one message.
+                _ => return SessionError::Ended(detail),
+            };
+            SessionError::Message { reason, detail }
+        }
+        // Mosquitto answers a message over its `message_size_limit` with PUBACK reason 0x95,
+        // which rumqttc 0.25 cannot decode (0x95 is not a PUBACK reason in MQTT 5) and reports
+        // as an invalid return code. No other packet a publishing client receives can carry
+        // 0x95 as an unknown code: it is a known code in CONNACK and DISCONNECT.
+        C::MqttState(S::Deserialization(M::InvalidConnectReturnCode(0x95))) => {
+            SessionError::Message {
+                reason: DeadLetterReason::TooLarge,
+                detail: "upstream answered PUBACK reason 0x95 (packet too large)".into(),
+            }
+        }
+        C::MqttState(S::OutgoingPacketTooLarge { pkt_size, max }) => SessionError::Message {
+            reason: DeadLetterReason::TooLarge,
+            detail: format!(
+                "a {pkt_size}-byte packet exceeds the upstream's maximum packet size {max}"
+            ),
+        },
+        C::MqttState(
+            S::AwaitPingResp
+            | S::CollisionTimeout
+            | S::Unsolicited(_)
+            | S::WrongPacket
+            | S::InvalidState
+            | S::EmptySubscription
+            | S::InvalidAlias { .. }
+            | S::IncomingPacketTooLarge { .. }
+            | S::ConnFail { .. },
+        )
+        | C::RequestsDone => SessionError::Ended(e.to_string()),
+        _ => SessionError::Lost(e.to_string()),
     }
 }
 
@@ -578,7 +823,7 @@ impl Context {
     }
 }
 
-fn classify_v4(e: &rumqttc::ConnectionError, ctx: &Context) -> LinkError {
+fn link_error_v4(e: &rumqttc::ConnectionError, ctx: &Context) -> LinkError {
     if let rumqttc::ConnectionError::ConnectionRefused(code) = e {
         return LinkError::Refused {
             reason: ConnectRefusal::from_v4(*code),
@@ -588,7 +833,7 @@ fn classify_v4(e: &rumqttc::ConnectionError, ctx: &Context) -> LinkError {
     classify_tls(e, ctx).unwrap_or_else(|| LinkError::Network(e.to_string()))
 }
 
-fn classify_v5(e: &rumqttc::v5::ConnectionError, ctx: &Context) -> LinkError {
+fn link_error_v5(e: &rumqttc::v5::ConnectionError, ctx: &Context) -> LinkError {
     if let rumqttc::v5::ConnectionError::ConnectionRefused(code) = e {
         return LinkError::Refused {
             reason: ConnectRefusal::from_v5(*code),
@@ -738,6 +983,141 @@ mod tests {
                 .retry
         );
         assert!(classify_refusal(PubAckReason::QuotaExceeded).unwrap().retry);
+        assert_eq!(
+            classify_refusal(PubAckReason::TopicNameInvalid)
+                .unwrap()
+                .label,
+            DeadLetterReason::InvalidTopic
+        );
+    }
+
+    /// The size check uses rumqttc's encoder: compare it with the bytes actually written, at
+    /// the remaining-length boundaries and around a 2000-byte broker limit.
+    #[test]
+    fn publish_size_is_the_encoded_size() {
+        let topic = "up/devices/meter-7/temp";
+        let id = "gw-0001-1a2b3c4d-123456";
+        for len in [
+            0, 1, 100, 127, 128, 1900, 1957, 2000, 16_383, 16_384, 70_000,
+        ] {
+            let payload = Bytes::from(vec![b'x'; len]);
+            let mut p4 =
+                rumqttc::Publish::from_bytes(topic, rumqttc::QoS::AtLeastOnce, payload.clone());
+            p4.pkid = 65535;
+            let mut buf = bytes::BytesMut::new();
+            let written = rumqttc::Packet::Publish(p4)
+                .write(&mut buf, usize::MAX)
+                .unwrap();
+            assert_eq!(buf.len(), written);
+            let size = publish_size(Protocol::V311, topic, &payload, "edgeferry-id", id);
+            assert_eq!(size, buf.len(), "v3.1.1, payload {len}");
+
+            let mut p5 = rumqttc::v5::mqttbytes::v5::Publish::new(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                payload.clone(),
+                Some(id_properties("edgeferry-id", id.to_string())),
+            );
+            p5.pkid = 65535;
+            let mut buf = bytes::BytesMut::new();
+            rumqttc::v5::mqttbytes::v5::Packet::Publish(p5)
+                .write(&mut buf, None)
+                .unwrap();
+            let size = publish_size(Protocol::V5, topic, &payload, "edgeferry-id", id);
+            assert_eq!(size, buf.len(), "v5, payload {len}");
+        }
+    }
+
+    #[test]
+    fn topic_names_brokers_refuse_are_caught() {
+        for ok in ["a", "up/devices/x/temp", "/", "a//b", "caf\u{e9}/\u{1F600}"] {
+            assert_eq!(topic_name_problem(ok), None, "{ok:?}");
+        }
+        let long = "a".repeat(65_536);
+        for bad in [
+            "",
+            "devices/+/x",
+            "devices/#",
+            "a\0b",
+            "a\u{1}b",
+            "a\u{7f}b",
+            "a\u{85}b",
+            "a\u{fffe}b",
+            "a\u{1ffff}b",
+            "a\u{fdd0}b",
+            long.as_str(),
+        ] {
+            assert!(topic_name_problem(bad).is_some(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn only_reasons_about_a_message_blame_one() {
+        use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode as D;
+        use rumqttc::v5::{ConnectionError as C, StateError as S};
+        let disconnect = |reason_code| {
+            classify_v5(
+                &C::MqttState(S::ServerDisconnect {
+                    reason_code,
+                    reason_string: None,
+                }),
+                true,
+            )
+        };
+        assert!(matches!(
+            disconnect(D::PacketTooLarge),
+            SessionError::Message {
+                reason: DeadLetterReason::TooLarge,
+                ..
+            }
+        ));
+        assert!(matches!(
+            disconnect(D::TopicNameInvalid),
+            SessionError::Message {
+                reason: DeadLetterReason::InvalidTopic,
+                ..
+            }
+        ));
+        assert!(matches!(
+            disconnect(D::PayloadFormatInvalid),
+            SessionError::Message { .. }
+        ));
+        assert!(matches!(
+            disconnect(D::MalformedPacket),
+            SessionError::Lost(_)
+        ));
+        for d in [
+            D::ServerShuttingDown,
+            D::SessionTakenOver,
+            D::KeepAliveTimeout,
+            D::QuotaExceeded,
+        ] {
+            assert!(matches!(disconnect(d), SessionError::Ended(_)), "{d:?}");
+        }
+        // Mosquitto's PUBACK 0x95, which rumqttc cannot decode.
+        let e = C::MqttState(S::Deserialization(
+            rumqttc::v5::mqttbytes::Error::InvalidConnectReturnCode(0x95),
+        ));
+        assert!(matches!(
+            classify_v5(&e, true),
+            SessionError::Message {
+                reason: DeadLetterReason::TooLarge,
+                ..
+            }
+        ));
+        // Before CONNACK nothing is blamed, whatever the error.
+        assert!(matches!(
+            classify_v5(&e, false),
+            SessionError::Unreachable(_)
+        ));
+        let silent = C::MqttState(S::AwaitPingResp);
+        assert!(matches!(classify_v5(&silent, true), SessionError::Ended(_)));
+        let closed = rumqttc::ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted);
+        assert!(matches!(classify_v4(&closed, true), SessionError::Lost(_)));
+        assert!(matches!(
+            classify_v4(&closed, false),
+            SessionError::Unreachable(_)
+        ));
     }
 
     fn ctx() -> Context {
@@ -774,7 +1154,7 @@ mod tests {
             (CertificateError::NotValidYet, TlsFailure::Expired, "clock"),
         ];
         for (cert, want, words) in cases {
-            let e = classify_v4(&handshake(cert), &ctx());
+            let e = link_error_v4(&handshake(cert), &ctx());
             let LinkError::Tls { reason, .. } = &e else {
                 panic!("not a TLS failure: {e}")
             };
@@ -782,14 +1162,14 @@ mod tests {
             assert!(e.to_string().contains(words), "{e}");
             assert!(e.needs_operator());
         }
-        let e = classify_v4(&handshake(CertificateError::UnknownIssuer), &ctx());
+        let e = link_error_v4(&handshake(CertificateError::UnknownIssuer), &ctx());
         assert!(e.to_string().contains("/etc/edgeferry/ca.pem"), "{e}");
         let alert = rumqttc::v5::ConnectionError::MqttState(
             rumqttc::v5::StateError::Deserialization(rumqttc::v5::mqttbytes::Error::Io(wrap(
                 rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
             ))),
         );
-        let e = classify_v5(&alert, &ctx());
+        let e = link_error_v5(&alert, &ctx());
         assert!(
             matches!(
                 e,
@@ -807,20 +1187,24 @@ mod tests {
             ))),
         ));
         assert!(matches!(
-            classify_v4(&v4_alert, &ctx()),
+            link_error_v4(&v4_alert, &ctx()),
             LinkError::Tls {
                 reason: TlsFailure::ClientCertRefused,
                 ..
             }
         ));
         let plain = rumqttc::ConnectionError::Io(std::io::ErrorKind::ConnectionRefused.into());
-        assert!(matches!(classify_v4(&plain, &ctx()), LinkError::Network(_)));
+        assert!(matches!(
+            link_error_v4(&plain, &ctx()),
+            LinkError::Network(_)
+        ));
     }
 
     #[test]
     fn connack_refusals_open_the_breaker_unless_the_broker_is_busy() {
         use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as V5;
-        let refused = |c| classify_v5(&rumqttc::v5::ConnectionError::ConnectionRefused(c), &ctx());
+        let refused =
+            |c| link_error_v5(&rumqttc::v5::ConnectionError::ConnectionRefused(c), &ctx());
         let e = refused(V5::BadUserNamePassword);
         assert!(e.needs_operator());
         assert!(e.to_string().contains("0x86"), "{e}");
@@ -828,7 +1212,7 @@ mod tests {
         assert!(refused(V5::NotAuthorized).needs_operator());
         assert!(!refused(V5::ServerBusy).needs_operator());
         assert!(!refused(V5::ConnectionRateExceeded).needs_operator());
-        let v4 = classify_v4(
+        let v4 = link_error_v4(
             &rumqttc::ConnectionError::ConnectionRefused(
                 rumqttc::ConnectReturnCode::BadUserNamePassword,
             ),

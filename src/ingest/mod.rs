@@ -1,7 +1,12 @@
-//! Ingest: sources that feed the queue. `mqtt` is the embedded broker devices publish to;
-//! `gate` holds MQTT devices back while the store is behind; `serial` reads framed messages from
-//! serial ports.
+//! Ingest: sources that feed the queue. [`mqtt`] is the device-facing MQTT ingress (PUBACK
+//! after commit), [`frame`] its pure framing helpers, [`broker`] the embedded rumqttd for what
+//! devices do with each other; [`serial`] reads framed messages from serial ports.
 
-pub mod gate;
+pub mod acl;
+pub mod auth;
+pub mod broker;
+pub mod frame;
+pub mod limits;
 pub mod mqtt;
+pub mod security;
 pub mod serial;

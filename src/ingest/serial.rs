@@ -426,6 +426,8 @@ impl Port {
         };
         self.store
             .enqueue(NewMessage {
+                // Serial ports are routes of their own in the queue, "serial/NAME".
+                route: format!("serial/{}", self.name).into(),
                 topic: self.topic.clone(),
                 payload,
                 dedup_key,

@@ -29,6 +29,7 @@ fn msg(
     let (tx, rx) = oneshot::channel();
     (
         NewMessage {
+            route: "r".into(),
             topic: topic.into(),
             payload: Bytes::copy_from_slice(payload),
             dedup_key: key.map(|k| k.to_vec()),
@@ -195,6 +196,47 @@ fn dead_letters_leave_the_queue_with_their_reason() {
     assert_eq!(reason, "NotAuthorized");
 }
 
+/// Rows this version cannot read (written by something else: a topic that is not UTF-8 text, a
+/// payload stored as a number) come back with a defect instead of failing every fetch, and can
+/// be dead-lettered like any other row.
+#[test]
+fn unreadable_rows_are_returned_with_a_defect_and_can_be_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    open(&path).close();
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "INSERT INTO messages (route, size, topic, payload, enqueued_ms) VALUES (0, 1, 'ok', x'01', 1);
+             INSERT INTO messages (route, size, topic, payload, enqueued_ms) VALUES (0, 1, CAST(x'ff00' AS BLOB), x'02', 1);
+             INSERT INTO messages (route, size, topic, payload, enqueued_ms) VALUES (0, 1, 't', 42, 1);
+             INSERT INTO messages (route, size, topic, payload, enqueued_ms) VALUES (0, 1, 'ok', 'text payload', 1);",
+        )
+        .unwrap();
+    }
+    let rt = rt();
+    let store = open(&path);
+    let h = store.handle();
+    rt.block_on(async {
+        let rows = h.fetch(0, 10).await.unwrap();
+        let defects: Vec<bool> = rows.iter().map(|r| r.defect.is_some()).collect();
+        assert_eq!(defects, [false, true, true, false]);
+        assert_eq!(rows[3].payload, b"text payload");
+        h.dead_letter(rows[1].seq, "undecodable".into())
+            .await
+            .unwrap();
+        h.flush().await.unwrap();
+        assert_eq!(h.fetch(0, 10).await.unwrap().len(), 3);
+    });
+    drop(h);
+    store.close();
+    let conn = Connection::open(&path).unwrap();
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
 #[test]
 fn buffered_ack_hides_the_row_from_a_reread() {
     let dir = tempfile::tempdir().unwrap();
@@ -291,9 +333,12 @@ fn foreign_corrupt_and_future_files_are_refused_untouched() {
                 drop(h);
                 store.close();
             }
-            // Scribble over the middle of the file: the b-tree pages, not the header.
+            // Scribble over the first b-tree pages after the header. Open no longer reads the
+            // whole file (start-up must not scan the backlog), so a page in the middle of the
+            // payloads is found when it is read, not at open; the schema's own pages are read
+            // at open.
             let mut bytes = std::fs::read(p).unwrap();
-            let mid = bytes.len() / 2;
+            let mid = 4096;
             for b in &mut bytes[mid..mid + 8192] {
                 *b = 0x5a;
             }
@@ -498,4 +543,387 @@ fn a_drained_backlog_gives_its_space_back() {
     assert!(left.iter().all(|r| r.payload == vec![7u8; 1024]));
     drop(h);
     store.close();
+}
+
+// ---- dedup across clock steps -----------------------------------------------------------
+
+fn open_with(path: &Path, window: Duration, max_keys: u64, metrics: Arc<Metrics>) -> Store {
+    let options = StoreOptions {
+        dedup_window: window,
+        dedup_max_keys: max_keys,
+        ..StoreOptions::default()
+    };
+    Store::open(path, options, metrics).unwrap()
+}
+
+/// Move every persisted dedup stamp by `shift_ms`, as if the clock had been that far ahead
+/// (positive) or behind (negative) when the keys were stored. The store must be closed.
+fn shift_dedup_stamps(path: &Path, shift_ms: i64) {
+    let c = Connection::open(path).unwrap();
+    c.execute("UPDATE dedup SET seen_ms = seen_ms + ?1", [shift_ms])
+        .unwrap();
+}
+
+fn maintain(h: &StoreHandle, rt: &tokio::runtime::Runtime) {
+    let (tx, rx) = oneshot::channel();
+    h.tx.send(Cmd::Maintain(tx)).unwrap();
+    rt.block_on(rx).unwrap();
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Keys stored while the clock was a day ahead (a gateway without an RTC that booted with a
+/// future time, then NTP stepped it back) are suppressed for at most one window after the next
+/// start, not for a day.
+#[test]
+fn keys_stamped_in_the_future_expire_within_one_window_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let rt = rt();
+    let window = Duration::from_millis(300);
+    let store = open_with(&path, window, 1000, Arc::new(Metrics::default()));
+    let h = store.handle();
+    rt.block_on(async {
+        assert!(matches!(
+            put(&h, b"x", Some(b"k")).await,
+            Enqueued::Committed(_)
+        ));
+    });
+    drop(h);
+    store.close();
+    shift_dedup_stamps(&path, DAY_MS);
+
+    let metrics = Arc::new(Metrics::default());
+    let store = open_with(&path, window, 1000, metrics.clone());
+    let h = store.handle();
+    assert_eq!(metrics.ingest_dedup_restamped.get(), 1);
+    rt.block_on(async {
+        // Still inside the window that restarted at open: a device retry is suppressed...
+        assert_eq!(put(&h, b"x", Some(b"k")).await, Enqueued::Duplicate);
+        // ...but once one window has passed since the start, the key is admitted again.
+        tokio::time::sleep(window + Duration::from_millis(100)).await;
+        assert!(
+            matches!(put(&h, b"x", Some(b"k")).await, Enqueued::Committed(_)),
+            "a key stamped a day ahead suppressed its messages for longer than the window"
+        );
+    });
+    drop(h);
+    store.close();
+}
+
+/// Beyond max_keys, keys are forgotten in the order they were admitted, whatever their stamps
+/// say: stamps planted in reverse order (a clock stepping back between admissions) must not
+/// make the newest keys look oldest.
+#[test]
+fn max_keys_evicts_in_admission_order_not_stamp_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let rt = rt();
+    let window = Duration::from_secs(3600);
+    let store = open_with(&path, window, 1000, Arc::new(Metrics::default()));
+    let h = store.handle();
+    rt.block_on(async {
+        for k in [b"a", b"b", b"c", b"d"] {
+            assert!(matches!(
+                put(&h, b"x", Some(k)).await,
+                Enqueued::Committed(_)
+            ));
+        }
+    });
+    drop(h);
+    store.close();
+    {
+        // a is stamped newest, d oldest: the reverse of their admission; all within the window.
+        let c = Connection::open(&path).unwrap();
+        for (i, k) in [b"a", b"b", b"c", b"d"].iter().enumerate() {
+            c.execute(
+                "UPDATE dedup SET seen_ms = seen_ms - ?1 WHERE key = ?2",
+                params![60_000 * (i as i64 + 1), &k[..]],
+            )
+            .unwrap();
+        }
+    }
+    let store = open_with(&path, window, 2, Arc::new(Metrics::default()));
+    let h = store.handle();
+    maintain(&h, &rt);
+    rt.block_on(async {
+        for k in [b"c", b"d"] {
+            assert_eq!(
+                put(&h, b"x", Some(k)).await,
+                Enqueued::Duplicate,
+                "{k:?} was evicted"
+            );
+        }
+        for k in [b"a", b"b"] {
+            assert!(
+                matches!(put(&h, b"x", Some(k)).await, Enqueued::Committed(_)),
+                "{k:?} survived"
+            );
+        }
+    });
+    drop(h);
+    store.close();
+}
+
+/// The scenario from the field: keys stored with the clock a day ahead, then fresh keys after
+/// the step back, then max_keys pruning. The fresh keys survive; the stale ones go.
+#[test]
+fn fresh_keys_survive_pruning_after_a_clock_step_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let rt = rt();
+    let window = Duration::from_secs(3600);
+    let stale: Vec<Vec<u8>> = (0..20).map(|i| format!("stale{i}").into_bytes()).collect();
+    let fresh: Vec<Vec<u8>> = (0..20).map(|i| format!("fresh{i}").into_bytes()).collect();
+    let store = open_with(&path, window, 20, Arc::new(Metrics::default()));
+    let h = store.handle();
+    rt.block_on(async {
+        for k in &stale {
+            assert!(matches!(
+                put(&h, b"x", Some(k)).await,
+                Enqueued::Committed(_)
+            ));
+        }
+    });
+    drop(h);
+    store.close();
+    shift_dedup_stamps(&path, DAY_MS);
+    let store = open_with(&path, window, 20, Arc::new(Metrics::default()));
+    let h = store.handle();
+    rt.block_on(async {
+        for k in &fresh {
+            assert!(matches!(
+                put(&h, b"x", Some(k)).await,
+                Enqueued::Committed(_)
+            ));
+        }
+    });
+    maintain(&h, &rt);
+    rt.block_on(async {
+        for k in &fresh {
+            assert_eq!(
+                put(&h, b"x", Some(k)).await,
+                Enqueued::Duplicate,
+                "fresh key evicted"
+            );
+        }
+        for k in &stale {
+            assert!(
+                matches!(put(&h, b"x", Some(k)).await, Enqueued::Committed(_)),
+                "stale key kept"
+            );
+        }
+    });
+    drop(h);
+    store.close();
+}
+
+/// A store written by schema version 1 keeps its dedup keys through the migration, in the order
+/// of their stamps.
+#[test]
+fn dedup_keys_survive_the_schema_2_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    {
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(schema::MIGRATIONS[0]).unwrap();
+        let now = now_ms();
+        c.execute_batch(&format!(
+            "PRAGMA application_id = {};
+             PRAGMA user_version = 1;
+             INSERT INTO meta (key, value) VALUES ('epoch', '0000abcd');
+             INSERT INTO dedup (key, seen_ms) VALUES (x'6e6577', {}), (x'6f6c64', {});",
+            schema::APPLICATION_ID,
+            now - 1000,
+            now - 2000,
+        ))
+        .unwrap();
+    }
+    let rt = rt();
+    let store = open_with(
+        &path,
+        Duration::from_secs(3600),
+        1,
+        Arc::new(Metrics::default()),
+    );
+    let h = store.handle();
+    rt.block_on(async {
+        // max_keys = 1 and the open prunes: the key with the older stamp goes.
+        assert_eq!(put(&h, b"x", Some(b"new")).await, Enqueued::Duplicate);
+        assert!(matches!(
+            put(&h, b"x", Some(b"old")).await,
+            Enqueued::Committed(_)
+        ));
+    });
+    drop(h);
+    store.close();
+    let c = Connection::open(&path).unwrap();
+    let v: i64 = c
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, SCHEMA_VERSION);
+}
+
+#[derive(Debug, Clone)]
+enum DedupOp {
+    Put(u8),
+    /// Close, move every stamp by this many minutes (the clock stepped between the runs), reopen.
+    Reopen(i64),
+    Maintain,
+}
+
+fn dedup_op() -> impl Strategy<Value = DedupOp> {
+    prop_oneof![
+        8 => (0u8..12).prop_map(DedupOp::Put),
+        2 => prop_oneof![Just(-90i64), Just(-25), Just(0), Just(25), Just(1440)].prop_map(DedupOp::Reopen),
+        1 => Just(DedupOp::Maintain),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// Dedup against a model across clock steps between runs (window 60 min, max_keys 5):
+    /// - a key is a duplicate iff it was admitted and is still within its window, where a key
+    ///   stamped in the future at a start counts from that start (never more than one window);
+    /// - a step forward expires keys whose age passes the window, and nothing else;
+    /// - beyond max_keys, the earliest admitted keys are forgotten, whatever their stamps.
+    ///
+    /// Stamps are shifted by multiples of 25 and 90 minutes, so no age lands near the window's
+    /// edge and the milliseconds the test itself takes never matter.
+    #[test]
+    fn dedup_matches_model_across_clock_steps(ops in proptest::collection::vec(dedup_op(), 1..50)) {
+        const WINDOW_MIN: i64 = 60;
+        const MAX_KEYS: usize = 5;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let rt = rt();
+        let window = Duration::from_secs(WINDOW_MIN as u64 * 60);
+        let mut store = open_with(&path, window, MAX_KEYS as u64, Arc::new(Metrics::default()));
+        // (key, age in minutes), in admission order.
+        let mut model: Vec<(u8, i64)> = Vec::new();
+        let prune = |model: &mut Vec<(u8, i64)>| {
+            model.retain(|(_, age)| *age <= WINDOW_MIN);
+            let excess = model.len().saturating_sub(MAX_KEYS);
+            model.drain(..excess);
+        };
+        for op in ops {
+            match op {
+                DedupOp::Put(k) => {
+                    let h = store.handle();
+                    let got = rt.block_on(put(&h, b"x", Some(&[k])));
+                    let live = model.iter().any(|(m, age)| *m == k && *age <= WINDOW_MIN);
+                    if live {
+                        prop_assert_eq!(got, Enqueued::Duplicate, "key {} should be suppressed; model {:?}", k, model);
+                    } else {
+                        prop_assert!(matches!(got, Enqueued::Committed(_)), "key {} should be admitted; model {:?}", k, model);
+                        model.retain(|(m, _)| *m != k);
+                        model.push((k, 0));
+                    }
+                }
+                DedupOp::Reopen(shift_min) => {
+                    store.close();
+                    shift_dedup_stamps(&path, shift_min * 60_000);
+                    for (_, age) in model.iter_mut() {
+                        *age = (*age - shift_min).max(0);
+                    }
+                    store = open_with(&path, window, MAX_KEYS as u64, Arc::new(Metrics::default()));
+                    prune(&mut model);
+                }
+                DedupOp::Maintain => {
+                    let h = store.handle();
+                    maintain(&h, &rt);
+                    prune(&mut model);
+                }
+            }
+        }
+        store.close();
+    }
+}
+
+#[test]
+fn sequence_numbers_are_never_reused_after_a_crash_with_an_empty_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let rt = rt();
+    let store = open(&path);
+    let h = store.handle();
+    let last = rt.block_on(async {
+        let mut last = 0;
+        for i in 0..5u8 {
+            let Enqueued::Committed(s) = put(&h, &[i], None).await else {
+                panic!()
+            };
+            h.ack(s).await.unwrap();
+            last = s;
+        }
+        h.flush().await.unwrap();
+        last
+    });
+    drop(h);
+    store.crash();
+    let store = open(&path);
+    let h = store.handle();
+    let Enqueued::Committed(next) = rt.block_on(put(&h, b"b", None)) else {
+        panic!()
+    };
+    assert!(
+        next > last,
+        "seq {next} reused after {last} (crash, empty queue)"
+    );
+    drop(h);
+    store.close();
+    // No AUTOINCREMENT: nothing writes sqlite_sequence.
+    let c = Connection::open(&path).unwrap();
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM sqlite_sequence", [], |r| r.get(0))
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+}
+
+#[test]
+fn the_schema_3_migration_keeps_seqs_counts_and_dead_letters_and_never_reuses_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    {
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(schema::MIGRATIONS[0]).unwrap();
+        c.execute_batch(schema::MIGRATIONS[1]).unwrap();
+        c.execute_batch(&format!(
+            "PRAGMA application_id = {};
+             PRAGMA user_version = 2;
+             INSERT INTO meta (key, value) VALUES ('epoch', '0000abcd');
+             INSERT INTO messages (seq, topic, payload, enqueued_ms) VALUES (7, 'a', x'0102', 1), (9, 'b', x'03', 2);
+             INSERT INTO dead_letters (seq, topic, payload, enqueued_ms, failed_ms, reason)
+                 VALUES (8, 't', x'04', 1, 5, 'refused: not authorised');
+             UPDATE sqlite_sequence SET seq = 100 WHERE name = 'messages';",
+            schema::APPLICATION_ID,
+        ))
+        .unwrap();
+    }
+    let rt = rt();
+    let metrics = Arc::new(Metrics::default());
+    let store = Store::open(&path, StoreOptions::default(), metrics.clone()).unwrap();
+    assert_eq!(metrics.queue_depth.get(), 2);
+    assert_eq!(metrics.dead_letters.get(), 1);
+    let h = store.handle();
+    let rows = rt.block_on(h.fetch(0, 10)).unwrap();
+    assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [7, 9]);
+    let Enqueued::Committed(next) = rt.block_on(put(&h, b"n", None)) else {
+        panic!()
+    };
+    assert!(next > 100, "seq {next} at or below the old sqlite_sequence");
+    drop(h);
+    store.close();
+    let admin = admin::Admin::open(&path, false).unwrap();
+    let s = admin.stats().unwrap();
+    let before = s.routes.iter().find(|r| r.route == "(before v3)").unwrap();
+    assert_eq!((before.depth, before.bytes), (2, 5));
+    assert_eq!(before.dead_letters.get("refused"), Some(&1));
+    let dead = admin.dead_letter(8).unwrap().unwrap();
+    let info = dead.dead.unwrap();
+    assert_eq!(
+        (info.reason.as_str(), info.detail.as_str()),
+        ("refused", "not authorised")
+    );
 }

@@ -13,9 +13,10 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::forward::client::Settings;
 use crate::forward::{Downlink, Forwarder};
-use crate::ingest::mqtt::{IngestError, LocalBroker};
+use crate::ingest::broker::LocalBroker;
+use crate::ingest::mqtt::{IngestError, Ingress};
 use crate::ingest::serial::{self, SerialContext};
-use crate::queue::{Store, StoreError, StoreOptions};
+use crate::queue::{Store, StoreError};
 use crate::route::TopicFilter;
 use crate::telemetry::{self, Metrics};
 
@@ -63,18 +64,32 @@ impl ServiceError {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
     let metrics = Arc::new(Metrics::default());
     let settings = Settings::from_config(&config).map_err(ServiceError::Upstream)?;
-    let store = Store::open(
-        &config.store.path,
-        StoreOptions {
-            sync: config.store.sync,
-            commit_interval: config.store.commit_interval.0,
-            commit_batch: config.store.commit_batch,
-            dedup_window: config.dedup.window.0,
-            dedup_max_keys: config.dedup.max_keys,
-        },
+    let store = Store::open(&config.store.path, config.store_options(), metrics.clone())?;
+    let broker = LocalBroker::new(&config)?;
+    // Bind the device listeners before anything starts: "address in use" is a start-up error.
+    let ingress = Ingress::bind(
+        &config,
+        broker.v4,
+        broker.v5,
+        store.handle(),
         metrics.clone(),
     )?;
-    let local = LocalBroker::new(&config)?;
+    // SIGHUP reloads the password and ACL files (a bad file keeps the old one; see
+    // ingest::security). Installed now: SIGHUP's default action would end the daemon.
+    let security = ingress.security();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading local.password_file and local.acl_file");
+                    security.reload();
+                }
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP; security files will not reload")
+        }
+    }
     let metrics_task = match config.telemetry.metrics_listen {
         Some(addr) => {
             let listener = telemetry::bind_metrics(addr)
@@ -91,20 +106,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let ingest_stop = CancellationToken::new();
     let forward_stop = CancellationToken::new();
     let mut probes = Vec::new();
-    let mut link_probes = Vec::new();
-    for i in 0..local.links() {
-        let (p, rx) = systemd::probe(format!("ingest route {i}"));
-        probes.push(p);
-        link_probes.push(rx);
-    }
-    let ready_addr = local.ready_addr();
-    let ingest = tokio::spawn(local.run(
-        config.gateway.id.clone(),
-        store.handle(),
-        metrics.clone(),
-        link_probes,
-        ingest_stop.clone(),
-    ));
+    // Devices are served only once the embedded broker answers (their CONNECT is relayed to it).
+    broker.start().await?;
+    let (ingress_probe, ingress_probes) = systemd::probe("ingress");
+    probes.push(ingress_probe);
+    let ingest = tokio::spawn(ingress.run(ingress_probes, ingest_stop.clone()));
     // Serial ports: one task each, stopped with ingest; downlink channels for those that want one.
     let mut downlinks = Vec::new();
     let mut serial_tasks = Vec::new();
@@ -150,7 +156,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "edgeferry running"
     );
 
-    wait_accepting(config.local.listen, ready_addr).await?;
     systemd::ready(&systemd::summary(&metrics));
     let watchdog_stop = CancellationToken::new();
     let watchdog = tokio::spawn(systemd::watchdog(
@@ -166,10 +171,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = watchdog.await;
     info!("shutting down: stopping ingest");
     ingest_stop.cancel();
-    match ingest.await {
+    // Sessions stop reading, wait for the commits their devices are owed PUBACKs for, and close.
+    // Bounded: with a store that cannot commit (full disk), nothing more is acknowledged anyway.
+    match tokio::time::timeout(config.shutdown.grace.0 + Duration::from_secs(5), ingest).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => error!(error = %e, "ingest ended with an error"),
-        Err(e) => error!(error = %e, "ingest task failed"),
+        Ok(Err(e)) => error!(error = %e, "ingest task failed"),
+        Err(_) => warn!("device sessions did not finish within the grace period; unacknowledged publishes stay with the devices"),
     }
     for t in serial_tasks {
         let _ = t.await;
@@ -198,26 +205,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "stopped; queued messages are kept for the next start"
     );
     Ok(())
-}
-
-/// Wait until the local broker accepts connections at `addr` (rumqttd binds on its own thread;
-/// with back-pressure `addr` is its internal port behind `listen`).
-async fn wait_accepting(
-    listen: std::net::SocketAddr,
-    addr: std::net::SocketAddr,
-) -> Result<(), ServiceError> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if crate::ingest::gate::mqtt_handshake(addr).await.is_ok() {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(ServiceError::Ingest(IngestError::Broker(format!(
-                "local.listen {listen}: the broker did not start accepting within 10s"
-            ))));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called (inside the

@@ -12,40 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
+
+pub use crate::health::{answer, probe, Probe, ProbeRx};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::queue::StoreHandle;
 use crate::telemetry::Metrics;
-
-/// The receiving end a component polls in its select loop; answer each probe at once.
-pub type ProbeRx = mpsc::Receiver<oneshot::Sender<()>>;
-
-/// A component's name and the sending end of its probe channel.
-pub struct Probe {
-    pub name: String,
-    tx: mpsc::Sender<oneshot::Sender<()>>,
-}
-
-pub fn probe(name: impl Into<String>) -> (Probe, ProbeRx) {
-    // Capacity 1: an unanswered probe still in the channel means the component is stuck.
-    let (tx, rx) = mpsc::channel(1);
-    (
-        Probe {
-            name: name.into(),
-            tx,
-        },
-        rx,
-    )
-}
-
-/// Answer a probe (helper for select arms).
-pub fn answer(reply: Option<oneshot::Sender<()>>) {
-    if let Some(r) = reply {
-        let _ = r.send(());
-    }
-}
 
 pub fn ready(status: &str) {
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(status)]);
@@ -58,7 +32,12 @@ pub fn stopping() {
 /// One-line summary for STATUS= and logs.
 pub fn summary(metrics: &Metrics) -> String {
     format!(
-        "queue {} messages, upstream {}, {} forwarded, {} dead letters",
+        "{}queue {} messages, upstream {}, {} forwarded, {} dead letters",
+        if metrics.store_commit_failing.get() == 1 {
+            "store commits failing (disk full?), devices held back; "
+        } else {
+            ""
+        },
         metrics.queue_depth.get(),
         if metrics.upstream_connected.get() == 1 {
             "connected"
@@ -89,7 +68,7 @@ pub async fn watchdog(
         }
         let mut failed = Vec::new();
         if !matches!(
-            tokio::time::timeout(answer_within, store.stats()).await,
+            tokio::time::timeout(answer_within, store.alive()).await,
             Ok(Ok(_))
         ) {
             failed.push("store".to_string());

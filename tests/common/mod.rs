@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod device;
+pub mod raw;
+pub mod scripted;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

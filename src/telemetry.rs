@@ -280,6 +280,37 @@ impl Histogram {
     }
 }
 
+/// Label values of `edgeferry_upstream_refusals_total{reason=...}`.
+pub const UPSTREAM_REFUSAL_REASONS: [&str; 7] = [
+    "bad_credentials",
+    "not_authorized",
+    "banned",
+    "client_id",
+    "protocol",
+    "busy",
+    "other",
+];
+
+/// Label values of `edgeferry_upstream_tls_failures_total{reason=...}`.
+pub const UPSTREAM_TLS_FAILURES: [&str; 5] = [
+    "unknown_ca",
+    "name_mismatch",
+    "expired",
+    "client_cert_refused",
+    "other",
+];
+
+/// Increment the counter of `labels` named `label`, or the "other" one.
+fn count_by_label(counters: &[Counter], labels: &[&str], label: &str) {
+    let i = labels
+        .iter()
+        .position(|l| *l == label)
+        .or_else(|| labels.iter().position(|l| *l == "other"));
+    if let Some(c) = i.and_then(|i| counters.get(i)) {
+        c.inc();
+    }
+}
+
 /// Why a row was moved to the dead-letter table: the `reason` label of
 /// `edgeferry_dead_lettered_total`, and the start of the row's `reason` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -383,6 +414,20 @@ pub struct Metrics {
     pub downlink_received: Counter,
     /// Downlink messages dropped (the port was absent or its queue full).
     pub downlink_dropped: Counter,
+    /// CONNACK refusals, by reason (index = position in `UPSTREAM_REFUSAL_REASONS`).
+    pub upstream_refusals: [Counter; UPSTREAM_REFUSAL_REASONS.len()],
+    /// Failed TLS handshakes, by reason (index = position in `UPSTREAM_TLS_FAILURES`).
+    pub upstream_tls_failures: [Counter; UPSTREAM_TLS_FAILURES.len()],
+    /// TCP probes of upstream addresses (while down, and of preferred addresses while failed
+    /// over).
+    pub upstream_probes: Counter,
+    /// Connections made to another address than the previous connection's, away from the
+    /// first address of the list.
+    pub upstream_failovers: Counter,
+    /// Sessions ended to go back to an earlier (preferred) address.
+    pub upstream_failbacks: Counter,
+    /// Index in `upstream.address` of the address in use (0 = the first).
+    pub upstream_address: Gauge,
     /// 1 while connected upstream.
     pub upstream_connected: Gauge,
     /// 1 while store commits fail and are retried (disk full, I/O error).
@@ -438,6 +483,16 @@ fn label(v: &str) -> String {
 }
 
 impl Metrics {
+    /// Count a CONNACK refusal by its reason label.
+    pub fn count_upstream_refusal(&self, reason: &str) {
+        count_by_label(&self.upstream_refusals, &UPSTREAM_REFUSAL_REASONS, reason);
+    }
+
+    /// Count a failed TLS handshake by its reason label.
+    pub fn count_upstream_tls_failure(&self, reason: &str) {
+        count_by_label(&self.upstream_tls_failures, &UPSTREAM_TLS_FAILURES, reason);
+    }
+
     /// Count messages a queue policy dropped (`reason` is one of `queue::DROP_REASONS`).
     pub fn count_queue_drop(&self, reason: &str, n: u64) {
         if let Some(i) = crate::queue::DROP_REASONS.iter().position(|r| *r == reason) {
@@ -645,6 +700,52 @@ impl Metrics {
                 c.get()
             );
         }
+        for (name, help, labels, counters) in [
+            (
+                "upstream_refusals_total",
+                "Upstream CONNACK refusals by reason",
+                &UPSTREAM_REFUSAL_REASONS[..],
+                &self.upstream_refusals[..],
+            ),
+            (
+                "upstream_tls_failures_total",
+                "Failed upstream TLS handshakes by reason",
+                &UPSTREAM_TLS_FAILURES[..],
+                &self.upstream_tls_failures[..],
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP edgeferry_{name} {help}\n# TYPE edgeferry_{name} counter"
+            );
+            for (label, c) in labels.iter().zip(counters) {
+                let _ = writeln!(out, "edgeferry_{name}{{reason=\"{label}\"}} {}", c.get());
+            }
+        }
+        for (name, c, help) in [
+            (
+                "upstream_probes_total",
+                &self.upstream_probes,
+                "TCP probes of upstream addresses",
+            ),
+            (
+                "upstream_failovers_total",
+                &self.upstream_failovers,
+                "Upstream connections made to a later address of upstream.address",
+            ),
+            (
+                "upstream_failbacks_total",
+                &self.upstream_failbacks,
+                "Upstream sessions ended to go back to an earlier address",
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP edgeferry_{name} {help}\n# TYPE edgeferry_{name} counter\nedgeferry_{name} {}", c.get());
+        }
+        let _ = writeln!(
+            out,
+            "# HELP edgeferry_upstream_address Index in upstream.address of the address in use\n# TYPE edgeferry_upstream_address gauge\nedgeferry_upstream_address {}",
+            self.upstream_address.get()
+        );
         let _ = writeln!(out, "# HELP edgeferry_dead_lettered_total Rows moved to the dead-letter table, by reason\n# TYPE edgeferry_dead_lettered_total counter");
         for (reason, c) in DeadLetterReason::ALL.iter().zip(&self.dead_lettered) {
             let _ = writeln!(
@@ -941,5 +1042,19 @@ mod tests {
         assert!(text.contains("edgeferry_dead_lettered_total{reason=\"poison\"} 1"));
         assert!(text.contains("edgeferry_dead_lettered_total{reason=\"too-large\"} 0"));
         assert!(text.contains("edgeferry_commit_latency_seconds_count 1"));
+    }
+
+    #[test]
+    fn upstream_failures_are_counted_by_reason() {
+        let m = Metrics::default();
+        m.count_upstream_refusal("bad_credentials");
+        m.count_upstream_refusal("no such reason");
+        m.count_upstream_tls_failure("unknown_ca");
+        let text = m.render();
+        assert!(text.contains("edgeferry_upstream_refusals_total{reason=\"bad_credentials\"} 1"));
+        assert!(text.contains("edgeferry_upstream_refusals_total{reason=\"other\"} 1"));
+        assert!(text.contains("edgeferry_upstream_refusals_total{reason=\"banned\"} 0"));
+        assert!(text.contains("edgeferry_upstream_tls_failures_total{reason=\"unknown_ca\"} 1"));
+        assert!(text.contains("edgeferry_upstream_failovers_total 0"));
     }
 }

@@ -299,8 +299,8 @@ pub enum SyncMode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
-    /// host:port. Required.
-    pub address: String,
+    /// host:port, or a list of them tried in order (failover). Required.
+    pub address: AddressList,
     /// "v5" (default) or "v3.1.1".
     #[serde(default)]
     pub protocol: Protocol,
@@ -329,15 +329,27 @@ pub struct Upstream {
     /// Most publishes awaiting PUBACK at once. Default 64, at most 65535.
     #[serde(default = "default_inflight")]
     pub inflight: u16,
-    /// First reconnect delay ceiling; each failure doubles it, with full jitter. Default 1s.
+    /// Shortest ceiling of the reconnect delay (full jitter below it). While the link is down
+    /// the ceiling grows with the outage, 1/30 of its age, up to `backoff_max`. Default 1s.
     #[serde(default = "default_backoff_initial")]
     pub backoff_initial: HumanDuration,
-    /// Largest reconnect delay. Default 2m.
+    /// Largest reconnect delay; also how long a refused login (bad credentials, not
+    /// authorised, banned) or a certificate failure waits before the next try. Default 2m.
     #[serde(default = "default_backoff_max")]
     pub backoff_max: HumanDuration,
-    /// A connection that lasted this long resets the backoff. Default 60s.
+    /// A connection that lasted this long ends the outage: the delays start small again.
+    /// Default 60s.
     #[serde(default = "default_stable_after")]
     pub stable_after: HumanDuration,
+    /// Once the upstream's port answers again, wait a random time up to this (and up to a
+    /// third of the outage) before connecting, so a fleet that lost the same broker does not
+    /// reconnect in one burst. Default 2s.
+    #[serde(default = "default_reconnect_spread")]
+    pub reconnect_spread: HumanDuration,
+    /// With several addresses: go back to an earlier one once its port has answered every
+    /// check for this long. Default 60s.
+    #[serde(default = "default_failback_after")]
+    pub failback_after: HumanDuration,
     /// MQTT 5 user property carrying the message id. Default "edgeferry-id".
     #[serde(default = "default_id_property")]
     pub id_property: String,
@@ -364,6 +376,55 @@ fn default_backoff_max() -> HumanDuration {
 }
 fn default_stable_after() -> HumanDuration {
     HumanDuration(Duration::from_secs(60))
+}
+fn default_reconnect_spread() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}
+fn default_failback_after() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+
+/// `upstream.address`: one "host:port" string, or a list of them in order of preference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressList(pub Vec<String>);
+
+impl AddressList {
+    /// The first (preferred) address.
+    pub fn primary(&self) -> &str {
+        self.0.first().map(String::as_str).unwrap_or("")
+    }
+}
+
+impl std::fmt::Display for AddressList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(", "))
+    }
+}
+
+impl<'de> Deserialize<'de> for AddressList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = AddressList;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a \"host:port\" string or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<AddressList, E> {
+                Ok(AddressList(vec![v.to_string()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<AddressList, A::Error> {
+                let mut out = Vec::new();
+                while let Some(a) = seq.next_element::<String>()? {
+                    out.push(a);
+                }
+                Ok(AddressList(out))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 fn default_id_property() -> String {
     "edgeferry-id".into()
@@ -649,7 +710,33 @@ impl Config {
             ));
         }
         let up = &self.upstream;
-        split_host_port(&up.address).map_err(|p| bad("upstream.address", p))?;
+        let list = &up.address.0;
+        if list.is_empty() {
+            return Err(bad(
+                "upstream.address",
+                "the list is empty; give at least one \"host:port\"".into(),
+            ));
+        }
+        for (i, a) in list.iter().enumerate() {
+            let key = if list.len() == 1 {
+                "upstream.address".to_string()
+            } else {
+                format!("upstream.address[{i}]")
+            };
+            split_host_port(a).map_err(|p| bad(&key, p))?;
+            if list[..i].contains(a) {
+                return Err(bad(&key, format!("{a:?} is listed twice")));
+            }
+        }
+        if up.reconnect_spread.0 > Duration::from_secs(600) {
+            return Err(bad(
+                "upstream.reconnect_spread",
+                "must be at most 10m".into(),
+            ));
+        }
+        if up.failback_after.0.is_zero() {
+            return Err(bad("upstream.failback_after", "must be above 0".into()));
+        }
         if up.inflight == 0 {
             return Err(bad(
                 "upstream.inflight",
@@ -1008,6 +1095,36 @@ from = "devices/#"
                 MINIMAL.replace("address = \"127.0.0.1:1883\"", "address = \"nohost\""),
                 "upstream.address",
             ),
+            (
+                MINIMAL.replace(
+                    "address = \"127.0.0.1:1883\"",
+                    "address = [\"127.0.0.1:1883\", \"nohost\"]",
+                ),
+                "upstream.address[1]",
+            ),
+            (
+                MINIMAL.replace("address = \"127.0.0.1:1883\"", "address = []"),
+                "upstream.address",
+            ),
+            (
+                MINIMAL.replace(
+                    "address = \"127.0.0.1:1883\"",
+                    "address = [\"h:1\", \"h:1\"]",
+                ),
+                "upstream.address[1]",
+            ),
+            (
+                MINIMAL.replace("address = \"127.0.0.1:1883\"", "address = 1883"),
+                "upstream.address",
+            ),
+            (
+                upstream_plus("reconnect_spread = \"1h\""),
+                "upstream.reconnect_spread",
+            ),
+            (
+                upstream_plus("failback_after = \"0s\""),
+                "upstream.failback_after",
+            ),
             (upstream_plus("protocol = \"v4\""), "upstream.protocol"),
             (upstream_plus("keepalive = \"30\""), "upstream.keepalive"),
             // rumqttc's MQTT 5 client refuses (panics on) keepalives under 5s.
@@ -1122,6 +1239,28 @@ from = "devices/#"
             assert!(msg.contains(key), "expected key {key} in: {msg}");
             assert!(!msg.contains('\n'), "error must be one line: {msg:?}");
         }
+    }
+
+    #[test]
+    fn upstream_address_is_a_string_or_an_ordered_list() {
+        let one = parse(MINIMAL).unwrap();
+        assert_eq!(one.upstream.address.0, ["127.0.0.1:1883"]);
+        assert_eq!(one.upstream.address.primary(), "127.0.0.1:1883");
+        let text = MINIMAL.replace(
+            "address = \"127.0.0.1:1883\"",
+            "address = [\"primary.example:8883\", \"[::1]:8883\"]",
+        );
+        let many = parse(&text).unwrap();
+        assert_eq!(
+            many.upstream.address.0,
+            ["primary.example:8883", "[::1]:8883"]
+        );
+        assert_eq!(
+            many.upstream.address.to_string(),
+            "primary.example:8883, [::1]:8883"
+        );
+        assert_eq!(many.upstream.reconnect_spread.0, Duration::from_secs(2));
+        assert_eq!(many.upstream.failback_after.0, Duration::from_secs(60));
     }
 
     #[test]

@@ -37,6 +37,7 @@
 
 pub mod backoff;
 pub mod client;
+pub mod link;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -50,8 +51,8 @@ use crate::config::Protocol;
 use crate::health::answer;
 use crate::queue::{Row, StoreHandle};
 use crate::telemetry::{DeadLetterReason, Metrics};
-use backoff::Backoff;
-use client::{needs_operator, SessionError, Settings, UpClient, UpEvent};
+use client::{LinkError, Report, SessionError, Settings, UpClient, UpEvent};
+use link::LinkState;
 
 /// Batches of freshly committed rows the store may push ahead of the forwarder before it stops
 /// pushing and the forwarder reads them itself.
@@ -89,7 +90,6 @@ pub struct Downlink {
 pub struct Forwarder {
     pub settings: Settings,
     pub gateway: String,
-    pub backoff: Backoff,
     pub grace: Duration,
     pub store: StoreHandle,
     pub metrics: Arc<Metrics>,
@@ -201,52 +201,197 @@ impl Flight {
 }
 
 impl Forwarder {
-    /// Run sessions with backoff until `shutdown`; then give in-flight publishes up to the
-    /// grace period for their acks.
+    /// Run sessions until `shutdown`, reconnecting as `link` describes; then give in-flight
+    /// publishes up to the grace period for their acks.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut link = Link::Starting;
         let mut down_since = Instant::now();
+        let mut state = LinkState::new(self.settings.addresses.len());
+        // The address of the next session; None: probe for one. The first try goes straight
+        // to the first address.
+        let mut next = Some(0);
+        let mut previous: Option<usize> = None;
         let mut suspect: Option<Suspect> = None;
         loop {
+            let index = match next.take() {
+                Some(i) => i,
+                None => match self.find_address(&state, down_since, &shutdown).await {
+                    Some(i) => i,
+                    None => return,
+                },
+            };
+            let (host, port) = self.settings.addresses[index].clone();
+            self.settings.host = host;
+            self.settings.port = port;
+            let report = Arc::new(Report::default());
+            self.settings.report = report.clone();
+            // Cancelled by shutdown, or by the watcher to go back to a preferred address: the
+            // session treats both alike (stop publishing, wait for in-flight acks, disconnect).
+            let session_stop = shutdown.child_token();
+            let watcher = tokio::spawn(link::watch_session(
+                link::Watch {
+                    index,
+                    previous,
+                    addresses: self.settings.addresses.clone(),
+                    failback_after: self.settings.failback_after,
+                    probe_timeout: self.probe_timeout(),
+                    blocked_until: state.blocks(),
+                    metrics: self.metrics.clone(),
+                    stop: session_stop.clone(),
+                },
+                report.connected(),
+            ));
             let started = Instant::now();
             let end = self
-                .session(&shutdown, &mut link, down_since, &mut suspect)
+                .session(&session_stop, &mut link, down_since, &mut suspect)
                 .await;
+            let lived = started.elapsed();
+            let failback = session_stop.is_cancelled() && !shutdown.is_cancelled();
+            let failback_to = if failback {
+                watcher.await.ok().flatten()
+            } else {
+                watcher.abort();
+                None
+            };
             self.metrics.upstream_connected.set(0);
+            let connected = *report.connected().borrow();
+            if connected {
+                previous = Some(index);
+                state.connected(index);
+            }
+            let now = Instant::now();
             match end {
-                End::Shutdown | End::StoreClosed => break,
+                End::StoreClosed => break,
+                End::Shutdown if !failback => break,
+                End::Shutdown => {
+                    self.metrics.upstream_failbacks.inc();
+                    state
+                        .outage
+                        .connection_ended(lived, self.settings.reconnect.stable_after, now);
+                    next = Some(failback_to.unwrap_or(0));
+                }
                 End::Failed { error, connected } => {
                     self.metrics.upstream_errors.inc();
+                    let reconnect = &self.settings.reconnect;
                     if connected {
-                        self.backoff.connection_ended(started.elapsed());
-                    }
-                    if link != Link::Down {
-                        down_since = Instant::now();
-                        let depth = self.metrics.queue_depth.get();
-                        if needs_operator(&error) {
-                            error!(%error, depth, "upstream rejects this gateway; messages wait on disk; check upstream credentials");
-                        } else if connected {
-                            warn!(%error, depth, "upstream connection lost; messages wait on disk; reconnecting with backoff");
-                        } else {
-                            warn!(%error, depth, "upstream unreachable; messages wait on disk; retrying with backoff");
-                        }
-                        link = Link::Down;
+                        state
+                            .outage
+                            .connection_ended(lived, reconnect.stable_after, now);
                     } else {
-                        debug!(%error, attempt = self.backoff.failures(), "upstream attempt failed");
+                        state.outage.failed(now);
                     }
-                    let delay = self.backoff.next_delay(fastrand::f64());
-                    let wake = tokio::time::sleep(delay);
-                    tokio::pin!(wake);
-                    loop {
-                        tokio::select! {
-                            _ = &mut wake => break,
-                            Some(reply) = self.probes.recv() => answer(Some(reply)),
-                            _ = shutdown.cancelled() => return,
+                    let failure = report
+                        .take_failure()
+                        .unwrap_or_else(|| LinkError::Network(error.to_string()));
+                    let key = match &failure {
+                        LinkError::Network(_) => None,
+                        LinkError::Refused { reason, .. } => {
+                            self.metrics.count_upstream_refusal(reason.label());
+                            Some(format!("refused:{}", reason.label()))
                         }
+                        LinkError::Tls { reason, .. } => {
+                            self.metrics.count_upstream_tls_failure(reason.label());
+                            Some(format!("tls:{}", reason.label()))
+                        }
+                    };
+                    // An address that answered but did not give a working session is skipped
+                    // for a while, so the next one is tried (failover); after a refusal or a
+                    // certificate failure for the longest time at once (circuit breaker).
+                    let blocked_for = if failure.needs_operator() {
+                        reconnect.breaker(fastrand::f64())
+                    } else if !connected {
+                        reconnect.delay(state.outage.age(now), fastrand::f64())
+                    } else {
+                        Duration::ZERO
+                    };
+                    if !blocked_for.is_zero() {
+                        state.block(index, now + blocked_for);
+                    }
+                    let first = link != Link::Down;
+                    if first {
+                        down_since = now;
+                        link = Link::Down;
+                    }
+                    let depth = self.metrics.queue_depth.get();
+                    let address = format!("{}:{}", self.settings.host, self.settings.port);
+                    let new_kind = match &key {
+                        Some(k) => state.first_report(Some(index), k),
+                        None => state.first_report(None, "network"),
+                    };
+                    if failure.needs_operator() && new_kind {
+                        error!(%address, error = %failure, depth, retry_in = ?blocked_for,
+                            "upstream refuses this gateway; messages wait on disk; retrying only after upstream.backoff_max (circuit breaker)");
+                    } else if key.is_some() && new_kind {
+                        warn!(%address, error = %failure, depth, "upstream is busy; messages wait on disk; retrying with backoff");
+                    } else if first && connected {
+                        warn!(%address, error = %failure, depth, "upstream connection lost; messages wait on disk; reconnecting");
+                    } else if first {
+                        warn!(%address, error = %failure, depth, "upstream unreachable; messages wait on disk; retrying");
+                    } else {
+                        debug!(%address, error = %failure, outage = ?state.outage.age(now), "upstream attempt failed");
                     }
                 }
             }
         }
+    }
+
+    /// While down: wait the outage delay, then probe the addresses in order and return the
+    /// first that answers, after the spread. None on shutdown.
+    async fn find_address(
+        &mut self,
+        state: &LinkState,
+        down_since: Instant,
+        shutdown: &CancellationToken,
+    ) -> Option<usize> {
+        let timeout = self.probe_timeout();
+        loop {
+            let now = Instant::now();
+            let age = state.outage.age(now);
+            let mut wait = self.settings.reconnect.delay(age, fastrand::f64());
+            if let Some(free) = state.all_blocked_until(now) {
+                wait = wait.max(free.saturating_duration_since(now));
+            }
+            self.guarded(tokio::time::sleep(wait), shutdown).await?;
+            for i in 0..self.settings.addresses.len() {
+                if state.blocked(i, Instant::now()) {
+                    continue;
+                }
+                let (host, port) = self.settings.addresses[i].clone();
+                self.metrics.upstream_probes.inc();
+                if self
+                    .guarded(link::probe(&host, port, timeout), shutdown)
+                    .await?
+                {
+                    let spread = self
+                        .settings
+                        .reconnect
+                        .spread(down_since.elapsed(), fastrand::f64());
+                    debug!(address = %format!("{host}:{port}"), ?spread, "upstream port answers; connecting after the spread");
+                    self.guarded(tokio::time::sleep(spread), shutdown).await?;
+                    return Some(i);
+                }
+            }
+        }
+    }
+
+    /// Await `fut` while answering liveness probes; None if `shutdown` comes first.
+    async fn guarded<F: std::future::Future>(
+        &mut self,
+        fut: F,
+        shutdown: &CancellationToken,
+    ) -> Option<F::Output> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                out = &mut fut => return Some(out),
+                Some(reply) = self.probes.recv() => answer(Some(reply)),
+                _ = shutdown.cancelled() => return None,
+            }
+        }
+    }
+
+    fn probe_timeout(&self) -> Duration {
+        self.settings.connect_timeout.min(link::PROBE_TIMEOUT)
     }
 
     async fn session(

@@ -11,7 +11,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::forward::backoff::Backoff;
 use crate::forward::client::Settings;
 use crate::forward::{Downlink, Forwarder};
 use crate::ingest::broker::LocalBroker;
@@ -138,11 +137,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let (forwarder_probe, forwarder_probes) = systemd::probe("forwarder");
     probes.push(forwarder_probe);
-    let up = &config.upstream;
     let forwarder = Forwarder {
         settings,
         gateway: config.gateway.id.clone(),
-        backoff: Backoff::new(up.backoff_initial.0, up.backoff_max.0, up.stable_after.0),
         grace: config.shutdown.grace.0,
         store: store.handle(),
         metrics: metrics.clone(),

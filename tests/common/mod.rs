@@ -331,6 +331,12 @@ pub struct DaemonConfig {
     /// Extra lines for the `[store]` and `[local]` tables.
     pub store_extra: String,
     pub local_extra: String,
+    /// `[upstream] address` as a TOML value, if not "127.0.0.1:{upstream_port}" (e.g. a list).
+    pub address: Option<String>,
+    /// `[upstream] backoff_initial` and `backoff_max`.
+    pub backoff: (String, String),
+    /// Extra lines for the `[upstream]` table.
+    pub upstream_extra: String,
 }
 
 impl DaemonConfig {
@@ -346,6 +352,9 @@ impl DaemonConfig {
             store_path: None,
             store_extra: String::new(),
             local_extra: String::new(),
+            address: None,
+            backoff: ("50ms".into(), "300ms".into()),
+            upstream_extra: String::new(),
         }
     }
 }
@@ -376,17 +385,22 @@ impl Daemon {
             "[gateway]\nid = \"gw-test\"\n\
              [local]\nlisten = \"127.0.0.1:{local}\"\nlisten_v5 = \"127.0.0.1:{local_v5}\"\n{}\n\
              [store]\npath = \"{}\"\n{}\n\
-             [upstream]\naddress = \"127.0.0.1:{}\"\nprotocol = \"{}\"\nclient_id = \"gw-test-{}\"\ninflight = {}\nbackoff_initial = \"50ms\"\nbackoff_max = \"300ms\"\nkeepalive = \"{}\"\nconnect_timeout = \"2s\"\n\
+             [upstream]\naddress = {}\nprotocol = \"{}\"\nclient_id = \"gw-test-{}\"\ninflight = {}\nbackoff_initial = \"{}\"\nbackoff_max = \"{}\"\nkeepalive = \"{}\"\nconnect_timeout = \"2s\"\n{}\n\
              [telemetry]\nmetrics_listen = \"127.0.0.1:{metrics}\"\nlog_level = \"debug\"\n\
              [shutdown]\ngrace = \"2s\"\n{}\n{}",
             cfg.local_extra,
             store.display(),
             cfg.store_extra,
-            cfg.upstream_port,
+            cfg.address
+                .clone()
+                .unwrap_or_else(|| format!("\"127.0.0.1:{}\"", cfg.upstream_port)),
             cfg.protocol,
             std::process::id(),
             cfg.inflight,
+            cfg.backoff.0,
+            cfg.backoff.1,
             cfg.keepalive,
+            cfg.upstream_extra,
             cfg.routes,
             cfg.extra,
         );

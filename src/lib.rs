@@ -17,10 +17,13 @@
 //!   on PUBACK. Its module docs state the invariants.
 //! - [`forward`]: the upstream rumqttc session: bounded window, pkid -> row map, backoff.
 //! - [`telemetry`]: counters, histograms, the Prometheus endpoint, logging.
+//! - [`backoff`]: reconnect and reopen timing with full jitter (pure; the forwarder and serial
+//!   ports use it).
 //! - [`health`]: liveness probes every stage answers (a leaf, used from below the service).
 //! - [`service`]: wiring, signals, orderly shutdown. [`cli`]: the command line.
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod cli;
 pub mod codec;
 pub mod config;

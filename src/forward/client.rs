@@ -17,8 +17,8 @@ use rustls::{ClientConfig, RootCertStore};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::backoff::Reconnect;
 use crate::config::{split_host_port, Config, Protocol};
-use crate::forward::backoff::Reconnect;
 use crate::telemetry::DeadLetterReason;
 
 /// What the session learns from the connection, in order.

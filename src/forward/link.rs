@@ -1,5 +1,5 @@
 //! The upstream link between sessions: which address to use, when to try it, and when to go back
-//! to a preferred one. The timing rules are pure ([`super::backoff`]); this is their I/O side.
+//! to a preferred one. The timing rules are pure ([`crate::backoff`]); this is their I/O side.
 //!
 //! - While down, a try is a TCP probe of each address in order (an unanswered SYN costs nothing
 //!   on a metered link and nothing on the broker); the first that answers gets the full
@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::backoff::{Failback, Outage};
+use crate::backoff::{Failback, Outage};
 use crate::telemetry::Metrics;
 
 /// Longest a TCP probe waits for an answer (less when `upstream.connect_timeout` is shorter).

@@ -35,7 +35,7 @@
 //! Every session starts reading from the oldest row, so after a reconnect whatever was in flight
 //! is resent with the same message id: at-least-once, with duplicates bounded by the window.
 
-pub mod backoff;
+pub use crate::backoff;
 pub mod client;
 pub mod link;
 

@@ -31,10 +31,10 @@ use tokio_serial::{SerialPortBuilderExt, SerialStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
 use crate::codec::{self, BadFrame, Decoded, Decoder, ErrorKind, Quarantine};
 use crate::config::serial::{FlowControl, Parity, SeqSource, SerialPort};
 use crate::dedup;
-use crate::forward::backoff::Backoff;
 use crate::queue::{Enqueued, NewMessage, StoreHandle};
 use crate::route::Template;
 use crate::telemetry::Metrics;

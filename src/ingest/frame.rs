@@ -140,6 +140,20 @@ pub fn ack_pkid(frame: &[u8], h: &Header) -> Option<u16> {
     Some(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]))
 }
 
+/// An MQTT variable byte integer starting at `at`: (value, index just past it). None when it
+/// runs past the buffer or past four bytes.
+fn varint_at(buf: &[u8], at: usize) -> Option<(usize, usize)> {
+    let mut value = 0usize;
+    for (n, i) in (at..at + 4).enumerate() {
+        let b = *buf.get(i)?;
+        value |= usize::from(b & 0x7f) << (7 * n);
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
 /// The return (v3.1.1) or reason (v5) code of a complete CONNACK frame: 0 is success.
 pub fn connack_code(frame: &[u8], h: &Header) -> Option<u8> {
     frame.get(h.header_len + 1).copied()
@@ -149,22 +163,10 @@ pub fn connack_code(frame: &[u8], h: &Header) -> Option<u8> {
 /// to at most `max`, in place (same length). Returns whether the property was found. Walks only
 /// properties whose layout it knows; stops quietly at anything else.
 pub fn cap_topic_alias_max(frame: &mut [u8], h: &Header, max: u16) -> bool {
-    let mut i = h.header_len + 2;
     // Property length varint.
-    let mut len = 0usize;
-    let mut shift = 0;
-    loop {
-        let Some(&b) = frame.get(i) else { return false };
-        len |= usize::from(b & 0x7f) << shift;
-        i += 1;
-        if b & 0x80 == 0 {
-            break;
-        }
-        shift += 7;
-        if shift > 21 {
-            return false;
-        }
-    }
+    let Some((len, mut i)) = varint_at(frame, h.header_len + 2) else {
+        return false;
+    };
     let end = (i + len).min(frame.len());
     while i < end {
         let id = frame[i];
@@ -234,21 +236,7 @@ pub fn with_server_keep_alive(frame: &[u8], h: &Header, secs: u16) -> Option<Vec
     let body = frame.get(h.header_len..h.frame_len)?;
     // Flags and reason code, then the property length varint.
     let fixed = body.get(..2)?;
-    let mut i = 2;
-    let mut len = 0usize;
-    let mut shift = 0;
-    loop {
-        let b = *body.get(i)?;
-        len |= usize::from(b & 0x7f) << shift;
-        i += 1;
-        if b & 0x80 == 0 {
-            break;
-        }
-        shift += 7;
-        if shift > 21 {
-            return None;
-        }
-    }
+    let (len, i) = varint_at(body, 2)?;
     let props = body.get(i..i + len)?;
     let mut new_props = vec![0x13];
     new_props.extend_from_slice(&secs.to_be_bytes());

@@ -292,46 +292,30 @@ impl Admin {
         sel: &Select,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<u64, StoreError> {
-        let seqs = self.dead_seqs(sel)?;
-        let total = seqs.len() as u64;
         let now = now_ms();
-        let mut done = 0u64;
-        for chunk in seqs.chunks(CHUNK) {
-            let n = self
-                .write(|tx| {
-                    let mut d = Delta::default();
-                    let mut n = 0u64;
-                    for seq in chunk {
-                        let row: Option<(i64, i64, String)> = tx
-                            .query_row(
-                                "SELECT route, size, reason FROM dead_letters WHERE seq = ?1",
-                                [seq],
-                                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                            )
-                            .optional()?;
-                        let Some((route, size, reason)) = row else {
-                            continue;
-                        };
-                        tx.execute(
-                            "INSERT OR IGNORE INTO messages (seq, route, enqueued_ms, expires_ms, size, topic, payload)
-                             SELECT seq, route, ?2, NULL, size, topic, payload FROM dead_letters WHERE seq = ?1",
-                            params![seq, now],
-                        )?;
-                        tx.execute("DELETE FROM dead_letters WHERE seq = ?1", [seq])?;
-                        tx.execute("INSERT OR IGNORE INTO replayed (seq) VALUES (?1)", [seq])?;
-                        d.add(route, &ledger::dead_stat(&reason), -1);
-                        d.add(route, ledger::DEPTH, 1);
-                        d.add(route, ledger::BYTES, size);
-                        n += 1;
-                    }
-                    d.write(tx)?;
-                    Ok(n)
-                })
-                .map_err(|e| self.err(e))?;
-            done += n;
-            progress(done, total);
-        }
-        Ok(done)
+        self.each_dead_letter(sel, &mut progress, |tx, seq, d| {
+            let row: Option<(i64, i64, String)> = tx
+                .query_row(
+                    "SELECT route, size, reason FROM dead_letters WHERE seq = ?1",
+                    [seq],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let Some((route, size, reason)) = row else {
+                return Ok(false);
+            };
+            tx.execute(
+                "INSERT OR IGNORE INTO messages (seq, route, enqueued_ms, expires_ms, size, topic, payload)
+                 SELECT seq, route, ?2, NULL, size, topic, payload FROM dead_letters WHERE seq = ?1",
+                params![seq, now],
+            )?;
+            tx.execute("DELETE FROM dead_letters WHERE seq = ?1", [seq])?;
+            tx.execute("INSERT OR IGNORE INTO replayed (seq) VALUES (?1)", [seq])?;
+            d.add(route, &ledger::dead_stat(&reason), -1);
+            d.add(route, ledger::DEPTH, 1);
+            d.add(route, ledger::BYTES, size);
+            Ok(true)
+        })
     }
 
     /// Delete dead letters (counted as `drop.purged`).
@@ -339,6 +323,32 @@ impl Admin {
         &mut self,
         sel: &Select,
         mut progress: impl FnMut(u64, u64),
+    ) -> Result<u64, StoreError> {
+        self.each_dead_letter(sel, &mut progress, |tx, seq, d| {
+            let gone: Option<(i64, String)> = tx
+                .query_row(
+                    "DELETE FROM dead_letters WHERE seq = ?1 RETURNING route, reason",
+                    [seq],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((route, reason)) = gone else {
+                return Ok(false);
+            };
+            d.add(route, &ledger::dead_stat(&reason), -1);
+            d.add(route, &ledger::drop_stat(DROP_PURGED), 1);
+            Ok(true)
+        })
+    }
+
+    /// Apply `one` to each selected dead letter, [`CHUNK`] per short write transaction with its
+    /// counter changes; `one` says whether the row was still there. `progress` is told after
+    /// each transaction. Returns how many were acted on.
+    fn each_dead_letter(
+        &mut self,
+        sel: &Select,
+        progress: &mut impl FnMut(u64, u64),
+        one: impl Fn(&rusqlite::Transaction<'_>, i64, &mut Delta) -> rusqlite::Result<bool>,
     ) -> Result<u64, StoreError> {
         let seqs = self.dead_seqs(sel)?;
         let total = seqs.len() as u64;
@@ -348,17 +358,8 @@ impl Admin {
                 .write(|tx| {
                     let mut d = Delta::default();
                     let mut n = 0u64;
-                    for seq in chunk {
-                        let gone: Option<(i64, String)> = tx
-                            .query_row(
-                                "DELETE FROM dead_letters WHERE seq = ?1 RETURNING route, reason",
-                                [seq],
-                                |r| Ok((r.get(0)?, r.get(1)?)),
-                            )
-                            .optional()?;
-                        if let Some((route, reason)) = gone {
-                            d.add(route, &ledger::dead_stat(&reason), -1);
-                            d.add(route, &ledger::drop_stat(DROP_PURGED), 1);
+                    for &seq in chunk {
+                        if one(tx, seq, &mut d)? {
                             n += 1;
                         }
                     }

@@ -406,3 +406,39 @@ async fn min_free_keeps_space_on_a_small_filesystem_by_dropping_the_oldest() {
     );
     assert_eq!(kept.len() as u64 + dropped, all.len() as u64);
 }
+
+/// A disk already below `store.min_free` (something else filled it) must not turn a connected
+/// gateway into one that drops every message it commits: the queue keeps a small floor, enough
+/// for the forwarder, and everything reaches the upstream with nothing dropped. The operator is
+/// told once that the filesystem is below min_free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_gateway_on_a_disk_below_min_free_forwards_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = Tmpfs::mount(&dir.path().join("disk"), "16m") else {
+        return;
+    };
+    // 10 MiB of someone else's data: about 6 MiB left, below the 8 MiB min_free.
+    std::fs::write(disk.dir.join("other"), vec![0u8; 10 << 20]).unwrap();
+    let up = Upstream::start(BrokerKind::Rumqttd);
+    let collector = Collector::start(up.v5, "up/#").await;
+    let mut cfg = DaemonConfig::new("v5", up.v5);
+    cfg.store_path = Some(disk.dir.join("queue.db"));
+    cfg.store_extra = "min_free = \"8MiB\"\n".into();
+    let d = Daemon::start(dir.path(), &cfg);
+    let all: Vec<Vec<u8>> = (0..5_000)
+        .map(|i| format!("{i:05}/{}", "z".repeat(200)).into_bytes())
+        .collect();
+    for chunk in all.chunks(1000) {
+        publish_all(d.local, "dev-tight", "devices/tight", chunk.to_vec()).await;
+    }
+    collector.wait_all(&all, Duration::from_secs(60)).await;
+    assert_eq!(
+        d.metric("edgeferry_queue_dropped_total{reason=\"overflow\"}"),
+        0,
+        "messages dropped while the upstream was taking them"
+    );
+    assert!(
+        d.log_text().contains("below store.min_free"),
+        "the operator was not told the disk is below min_free"
+    );
+}

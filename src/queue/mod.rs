@@ -375,6 +375,7 @@ impl Store {
             data_version,
             replayed: BTreeSet::new(),
             free: None,
+            below_min_free: false,
             episodes: HashMap::new(),
             last_tick: Instant::now(),
             last_metrics: None,
@@ -612,6 +613,8 @@ struct Worker {
     replayed: BTreeSet<i64>,
     /// The limit `min_free` sets (accounted bytes), and when the filesystem was read for it.
     free: Option<(i64, Instant)>,
+    /// The filesystem was below `min_free` at the last reading (logged once per episode).
+    below_min_free: bool,
     /// Drop episodes per (route, reason): count so far and when the last one happened.
     episodes: HashMap<(i64, &'static str), (u64, Instant)>,
     last_tick: Instant,
@@ -638,6 +641,12 @@ const HELD_MAX: usize = 16_384;
 /// `edgeferry queue`: every TICK while inserts are held back (reject-new) or acknowledgements
 /// wait, otherwise every IDLE_TICK, so an idle gateway wakes the store at most once a second.
 const TICK: Duration = Duration::from_millis(250);
+
+/// What the queue may always hold (accounted bytes), however little the filesystem has beyond
+/// `min_free`: enough for the forwarder's window and read-ahead, so a connected gateway keeps
+/// forwarding on a tight disk instead of dropping every message it commits. `store.max_bytes`
+/// still applies below it; a disk that is really full fails commits, which holds devices back.
+const SPACE_FLOOR: i64 = 4 << 20;
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// A drop episode ends after this long without a drop of its kind; its summary is logged then.
@@ -1339,16 +1348,31 @@ impl Worker {
                 self.ledger.total(ledger::BYTES),
                 self.ledger.total(ledger::DEPTH),
             );
-            let limit = self
-                .fs_headroom()
-                .map_or(i64::MAX, |h| used.saturating_add(h));
-            self.free = Some((limit, Instant::now()));
+            let headroom = self.fs_headroom();
+            let below = headroom.is_some_and(|(_, (avail, min_free))| avail <= min_free);
+            if below && !self.below_min_free {
+                let (_, (avail, min_free)) = headroom.unwrap_or_default();
+                warn!(
+                    free_bytes = avail,
+                    min_free_bytes = min_free,
+                    queued_bytes = used,
+                    "store: the filesystem is below store.min_free; the queue does not grow \
+                     beyond what it holds (at least {} MiB), and its overflow policy applies",
+                    SPACE_FLOOR >> 20
+                );
+            } else if !below && self.below_min_free {
+                info!("store: the filesystem is above store.min_free again");
+            }
+            self.below_min_free = below;
+            let limit = headroom.map_or(i64::MAX, |(room, _)| used.saturating_add(room));
+            self.free = Some((limit.max(SPACE_FLOOR), Instant::now()));
         }
         max.min(self.free.map_or(i64::MAX, |(l, _)| l))
     }
 
-    /// Free bytes on the store's filesystem beyond `min_free`, plus the file's free pages.
-    fn fs_headroom(&self) -> Option<i64> {
+    /// Free bytes on the store's filesystem beyond `min_free`, plus the file's free pages; with
+    /// the filesystem's free bytes and the `min_free` in force, for the log.
+    fn fs_headroom(&self) -> Option<(i64, (i64, i64))> {
         let dir = match self.path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
@@ -1380,7 +1404,7 @@ impl Worker {
         let avail = avail - (1000 * page - wal).max(0);
         // Below min_free (something else filled the disk) the queue stops growing but keeps what
         // it has: dropping rows would not give the filesystem anything back.
-        Some((avail - min_free).max(0) + free_pages)
+        Some(((avail - min_free).max(0) + free_pages, (avail, min_free)))
     }
 
     /// Count dropped messages and log once per episode (see [`EPISODE_QUIET`]).

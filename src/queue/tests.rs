@@ -17,8 +17,19 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// The defaults, with `min_free` off: these tests are about the queue, not about how full the
+/// filesystem the tests run on happens to be (`tests/queue_ops.rs` checks `min_free` on a
+/// filesystem of its own).
+fn options() -> StoreOptions {
+    StoreOptions {
+        min_free_percent: 0.0,
+        min_free_bytes: 0,
+        ..StoreOptions::default()
+    }
+}
+
 fn open(path: &Path) -> Store {
-    Store::open(path, StoreOptions::default(), Arc::new(Metrics::default())).unwrap()
+    Store::open(path, options(), Arc::new(Metrics::default())).unwrap()
 }
 
 fn msg(
@@ -151,7 +162,7 @@ fn dedup_window_expires() {
     let rt = rt();
     let options = StoreOptions {
         dedup_window: Duration::from_millis(50),
-        ..StoreOptions::default()
+        ..options()
     };
     let store = Store::open(&path, options, Arc::new(Metrics::default())).unwrap();
     let h = store.handle();
@@ -244,7 +255,7 @@ fn buffered_ack_hides_the_row_from_a_reread() {
     let options = StoreOptions {
         commit_interval: Duration::from_secs(1),
         commit_batch: 1_000_000,
-        ..StoreOptions::default()
+        ..options()
     };
     let store = Store::open(
         &dir.path().join("q.db"),
@@ -276,7 +287,7 @@ fn foreign_corrupt_and_future_files_are_refused_untouched() {
         let path = dir.path().join(name);
         setup(&path);
         let before = std::fs::read(&path).unwrap();
-        let err = Store::open(&path, StoreOptions::default(), Arc::new(Metrics::default()))
+        let err = Store::open(&path, options(), Arc::new(Metrics::default()))
             .err()
             .unwrap_or_else(|| panic!("{name}: opened"));
         assert!(err.to_string().contains(expect), "{name}: {err}");
@@ -352,7 +363,7 @@ fn foreign_corrupt_and_future_files_are_refused_untouched() {
 fn a_missing_directory_is_a_clear_error() {
     let err = Store::open(
         Path::new("/nonexistent-dir/q.db"),
-        StoreOptions::default(),
+        options(),
         Arc::new(Metrics::default()),
     )
     .err()
@@ -401,7 +412,7 @@ proptest! {
         let path = dir.path().join("q.db");
         let rt = rt();
         // Long commit interval so buffered, uncommitted writes exist when a crash hits.
-        let options = StoreOptions { commit_interval: Duration::from_millis(20), commit_batch: 7, ..StoreOptions::default() };
+        let options = StoreOptions { commit_interval: Duration::from_millis(20), commit_batch: 7, ..options() };
         let mut store = Store::open(&path, options.clone(), Arc::new(Metrics::default())).unwrap();
         // seq -> payload for confirmed commits that were not acked durably.
         let mut must: BTreeMap<i64, u8> = BTreeMap::new();
@@ -551,7 +562,7 @@ fn open_with(path: &Path, window: Duration, max_keys: u64, metrics: Arc<Metrics>
     let options = StoreOptions {
         dedup_window: window,
         dedup_max_keys: max_keys,
-        ..StoreOptions::default()
+        ..options()
     };
     Store::open(path, options, metrics).unwrap()
 }
@@ -903,7 +914,7 @@ fn the_schema_3_migration_keeps_seqs_counts_and_dead_letters_and_never_reuses_id
     }
     let rt = rt();
     let metrics = Arc::new(Metrics::default());
-    let store = Store::open(&path, StoreOptions::default(), metrics.clone()).unwrap();
+    let store = Store::open(&path, options(), metrics.clone()).unwrap();
     assert_eq!(metrics.queue_depth.get(), 2);
     assert_eq!(metrics.dead_letters.get(), 1);
     let h = store.handle();

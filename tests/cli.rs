@@ -415,6 +415,14 @@ fn queue_bad_input_gets_one_line_and_an_exit_status() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["routes"].is_array());
+    assert!(
+        v["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["route"] != "(before v3)"),
+        "a store created by this version lists the empty pre-schema-3 placeholder: {v}"
+    );
     // A store from a newer schema.
     let db = d.db_path();
     {

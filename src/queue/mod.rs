@@ -624,6 +624,14 @@ struct Worker {
     rejected: HashMap<Arc<str>, u64>,
 }
 
+/// What [`Worker::fs_headroom`] found: room for the queue to grow (accounted bytes), and the
+/// filesystem's free bytes and the `min_free` in force, for the log.
+struct Headroom {
+    room: i64,
+    avail: i64,
+    min_free: i64,
+}
+
 /// Seqs are reserved in `meta` this many at a time: the reservation is written only by the
 /// commit that crosses it (about once per 65536 messages), never by every commit.
 const SEQ_BLOCK: i64 = 65_536;
@@ -641,13 +649,13 @@ const HELD_MAX: usize = 16_384;
 /// `edgeferry queue`: every TICK while inserts are held back (reject-new) or acknowledgements
 /// wait, otherwise every IDLE_TICK, so an idle gateway wakes the store at most once a second.
 const TICK: Duration = Duration::from_millis(250);
+const IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// What the queue may always hold (accounted bytes), however little the filesystem has beyond
 /// `min_free`: enough for the forwarder's window and read-ahead, so a connected gateway keeps
 /// forwarding on a tight disk instead of dropping every message it commits. `store.max_bytes`
 /// still applies below it; a disk that is really full fails commits, which holds devices back.
 const SPACE_FLOOR: i64 = 4 << 20;
-const IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// A drop episode ends after this long without a drop of its kind; its summary is logged then.
 const EPISODE_QUIET: Duration = Duration::from_secs(60);
@@ -1349,30 +1357,28 @@ impl Worker {
                 self.ledger.total(ledger::DEPTH),
             );
             let headroom = self.fs_headroom();
-            let below = headroom.is_some_and(|(_, (avail, min_free))| avail <= min_free);
-            if below && !self.below_min_free {
-                let (_, (avail, min_free)) = headroom.unwrap_or_default();
+            let below = headroom.as_ref().filter(|h| h.avail <= h.min_free);
+            if let (Some(h), false) = (below, self.below_min_free) {
                 warn!(
-                    free_bytes = avail,
-                    min_free_bytes = min_free,
+                    free_bytes = h.avail,
+                    min_free_bytes = h.min_free,
                     queued_bytes = used,
                     "store: the filesystem is below store.min_free; the queue does not grow \
                      beyond what it holds (at least {} MiB), and its overflow policy applies",
                     SPACE_FLOOR >> 20
                 );
-            } else if !below && self.below_min_free {
+            } else if below.is_none() && self.below_min_free {
                 info!("store: the filesystem is above store.min_free again");
             }
-            self.below_min_free = below;
-            let limit = headroom.map_or(i64::MAX, |(room, _)| used.saturating_add(room));
+            self.below_min_free = below.is_some();
+            let limit = headroom.map_or(i64::MAX, |h| used.saturating_add(h.room));
             self.free = Some((limit.max(SPACE_FLOOR), Instant::now()));
         }
         max.min(self.free.map_or(i64::MAX, |(l, _)| l))
     }
 
-    /// Free bytes on the store's filesystem beyond `min_free`, plus the file's free pages; with
-    /// the filesystem's free bytes and the `min_free` in force, for the log.
-    fn fs_headroom(&self) -> Option<(i64, (i64, i64))> {
+    /// Free bytes on the store's filesystem beyond `min_free`, plus the file's free pages.
+    fn fs_headroom(&self) -> Option<Headroom> {
         let dir = match self.path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
@@ -1404,7 +1410,11 @@ impl Worker {
         let avail = avail - (1000 * page - wal).max(0);
         // Below min_free (something else filled the disk) the queue stops growing but keeps what
         // it has: dropping rows would not give the filesystem anything back.
-        Some(((avail - min_free).max(0) + free_pages, (avail, min_free)))
+        Some(Headroom {
+            room: (avail - min_free).max(0) + free_pages,
+            avail,
+            min_free,
+        })
     }
 
     /// Count dropped messages and log once per episode (see [`EPISODE_QUIET`]).
